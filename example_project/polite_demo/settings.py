@@ -1,0 +1,18 @@
+"""Settings of the scrapy-polite demo project."""
+
+BOT_NAME = "polite_demo"
+SPIDER_MODULES = ["polite_demo.spiders"]
+NEWSPIDER_MODULE = "polite_demo.spiders"
+
+USER_AGENT = "PoliteDemoBot/1.0 (+https://example.invalid/demo)"
+
+# The one line that turns scrapy-polite on.
+ADDONS = {"scrapy_polite.Addon": 100}
+
+# Every domain: a random gap of 0.2 to 0.5 s; the "slow" demo host: 1 to 2 s.
+POLITE_DELAY = [0.2, 0.5]
+POLITE_DELAY_DOMAINS = {"127.0.0.5": [1.0, 2.0]}
+CONCURRENT_REQUESTS_PER_DOMAIN = 2
+
+TELNETCONSOLE_ENABLED = False
+LOG_LEVEL = "INFO"

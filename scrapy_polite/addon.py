@@ -1,0 +1,101 @@
+"""The add-on: ``ADDONS = {"scrapy_polite.Addon": 100}`` turns the bundle on.
+
+It only fills in what the user has not set: components go in at their default
+places unless the user already placed them (or disabled them with ``None``),
+and settings are written at the ``"addon"`` priority, below the project's.
+
+A request passes through the bundle in this order: robots.txt (priority 100,
+replacing Scrapy's ``RobotsTxtMiddleware`` when ``ROBOTSTXT_OBEY`` is on), the
+domain's delay (560, after Scrapy's retry middleware so it sees 429/503
+first), the HTTP cache (Scrapy's ``HttpCacheMiddleware`` at 900, with the
+Redis storage), then the download. An item passes through the user's
+pipelines, then the process pool (1000).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
+from scrapy.settings import SETTINGS_PRIORITIES
+from scrapy.utils.misc import load_object
+
+from scrapy_polite.redis_client import redact, redis_url
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+    from scrapy.settings import BaseSettings
+    from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+DELAY_MIDDLEWARE = "scrapy_polite.delays.PoliteDelayMiddleware"
+ROBOTS_MIDDLEWARE = "scrapy_polite.robots.PoliteRobotsTxtMiddleware"
+CACHE_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
+PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
+
+DELAY_PRIORITY = 560
+ROBOTS_PRIORITY = 100
+PROCESS_PRIORITY = 1000
+
+
+class Addon:
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    def update_settings(self, settings: BaseSettings) -> None:
+        enabled = [self._enable_delays(settings)]
+        enabled.append(self._enable_robots(settings))
+        enabled.append(self._enable_cache(settings))
+        enabled.append(self._enable_process(settings))
+        logger.info("scrapy-polite: %s", "; ".join(enabled))
+
+    def _enable_delays(self, settings: BaseSettings) -> str:
+        if not settings.getbool("POLITE_DELAY_ENABLED", True):
+            return "delays off"
+        _add_component(settings, "DOWNLOADER_MIDDLEWARES", DELAY_MIDDLEWARE, DELAY_PRIORITY)
+        return "per-domain delays on"
+
+    def _enable_robots(self, settings: BaseSettings) -> str:
+        if not settings.getbool("ROBOTSTXT_OBEY"):
+            return "robots.txt off (ROBOTSTXT_OBEY)"
+        ours = load_object(ROBOTS_MIDDLEWARE)
+        middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES")
+        user_placed_scrapys = any(
+            load_object(k) is RobotsTxtMiddleware for k in middlewares if middlewares[k] is not None
+        )
+        if not user_placed_scrapys:
+            settings.set_in_component_priority_dict(
+                "DOWNLOADER_MIDDLEWARES", RobotsTxtMiddleware, None
+            )
+            settings.setdefault_in_component_priority_dict(
+                "DOWNLOADER_MIDDLEWARES", ours, ROBOTS_PRIORITY
+            )
+            return "robots.txt on (RFC 9309)"
+        return "robots.txt left to Scrapy's RobotsTxtMiddleware (placed by the user)"
+
+    def _enable_cache(self, settings: BaseSettings) -> str:
+        if not settings.getbool("HTTPCACHE_ENABLED"):
+            return "HTTP cache off (HTTPCACHE_ENABLED)"
+        priority = settings.getpriority("HTTPCACHE_STORAGE") or 0
+        if priority > SETTINGS_PRIORITIES["default"]:
+            return f"HTTP cache storage {settings.get('HTTPCACHE_STORAGE')} (the user's)"
+        settings.set("HTTPCACHE_STORAGE", CACHE_STORAGE, priority="addon")
+        url = redis_url(settings, "POLITE_HTTPCACHE_REDIS_URL")
+        return f"Redis HTTP cache on ({redact(url) if url else 'no Redis URL set'})"
+
+    def _enable_process(self, settings: BaseSettings) -> str:
+        if not settings.get("POLITE_PROCESS_FUNCTION"):
+            return "process pipeline off (POLITE_PROCESS_FUNCTION)"
+        _add_component(settings, "ITEM_PIPELINES", PROCESS_PIPELINE, PROCESS_PRIORITY)
+        return f"process pipeline on ({settings.get('POLITE_PROCESS_FUNCTION')})"
+
+
+def _add_component(settings: BaseSettings, name: str, path: str, priority: int) -> None:
+    """Place *path* in the *name* component dict unless the user already did."""
+    settings.setdefault_in_component_priority_dict(name, load_object(path), priority)

@@ -1,0 +1,328 @@
+"""A local multi-host web site for tests, benchmarks and the demo.
+
+One HTTP server thread per loopback address (127.0.0.2, 127.0.0.3, ...), all on
+one port, so each address is a distinct host to Scrapy (a distinct download
+slot). Every host serves generated pages by default:
+
+- ``/`` (or ``/?n=N``): an index linking to ``/p/0`` ... ``/p/N-1`` (N defaults
+  to the host's ``pages``);
+- ``/p/<i>``: an HTML page of about 2 KB with a title and some text;
+- ``/robots.txt``: 404 unless routed.
+
+A test overrides any path of any host with :meth:`Site.route`, giving a
+sequence of :class:`Reply` objects (served in turn, the last one repeating) or
+a function of the :class:`Hit` that returns a ``Reply``. Every request is
+recorded as a :class:`Hit` with its arrival time and the number of requests to
+that host in flight at that moment, so tests assert on what the site saw.
+
+Run as ``python -m tests.site`` to serve the generated pages until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(2, 10))
+
+_WORDS = [
+    "polite",
+    "crawler",
+    "visits",
+    "every",
+    "domain",
+    "with",
+    "a",
+    "random",
+    "delay",
+    "and",
+    "reads",
+    "robots",
+    "before",
+    "fetching",
+    "pages",
+    "from",
+    "the",
+    "local",
+    "test",
+    "site",
+    "while",
+    "redis",
+    "keeps",
+    "cached",
+    "responses",
+    "for",
+    "the",
+    "next",
+    "run",
+    "of",
+    "the",
+    "spider",
+]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the site answers: status, headers, body, and an optional wait."""
+
+    status: int = 200
+    body: bytes | str = b""
+    headers: Sequence[tuple[str, str]] = ()
+    delay: float = 0.0
+    close: bool = False  # drop the connection without answering
+
+    def body_bytes(self) -> bytes:
+        return self.body.encode() if isinstance(self.body, str) else self.body
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One request as the site saw it."""
+
+    host: str
+    path: str
+    method: str
+    time: float  # time.monotonic() at arrival
+    in_flight: int  # requests to this host being served at arrival, this one included
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Hit], Reply]
+
+
+def page_body(host: str, index: int, size: int = 2000) -> bytes:
+    """The generated page ``/p/<index>`` of *host*: deterministic text."""
+    words = itertools.islice(
+        itertools.cycle(_WORDS[index % len(_WORDS) :] + _WORDS[: index % len(_WORDS)]),
+        size // 7,
+    )
+    text = " ".join(words)
+    return (
+        f"<html><head><title>{host} page {index}</title></head>"
+        f"<body><h1>Page {index}</h1><p>{text}</p></body></html>"
+    ).encode()
+
+
+def index_body(count: int) -> bytes:
+    links = "".join(f'<a href="/p/{i}">page {i}</a>\n' for i in range(count))
+    return f"<html><head><title>index</title></head><body>{links}</body></html>".encode()
+
+
+class Site:
+    """The multi-host site; use as a context manager or call start()/stop()."""
+
+    def __init__(self, hosts: Sequence[str] = HOSTS, port: int = 0, pages: int = 20) -> None:
+        self.hosts = tuple(hosts)
+        self.port = port
+        self.default_pages = pages
+        self._lock = threading.Lock()
+        self._routes: dict[tuple[str, str], Handler] = {}
+        self._pages: dict[str, int] = {}
+        self._hits: list[Hit] = []
+        self._in_flight: dict[str, int] = {}
+        self._servers: list[ThreadingHTTPServer] = []
+
+    # -- life cycle -------------------------------------------------------------
+    def __enter__(self) -> Site:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for attempt in range(20):
+            try:
+                self._bind_all()
+                break
+            except OSError:
+                self._close_servers()
+                if attempt == 19 or self.port:
+                    raise
+        for server in self._servers:
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+        self._close_servers()
+
+    def _bind_all(self) -> None:
+        port = self.port or _free_port(self.hosts[0])
+        for host in self.hosts:
+            server = _Server((host, port), _RequestHandler)
+            server.site = self
+            self._servers.append(server)
+        self.port = port
+
+    def _close_servers(self) -> None:
+        for server in self._servers:
+            server.server_close()
+        self._servers = []
+
+    # -- configuration ----------------------------------------------------------
+    def url(self, host: str, path: str = "/") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def route(self, host: str, path: str, *replies: Reply | Handler) -> None:
+        """Answer *path* on *host* with *replies* in turn (the last repeats)."""
+        if len(replies) == 1 and callable(replies[0]) and not isinstance(replies[0], Reply):
+            self._routes[(host, path)] = replies[0]
+            return
+        queue = list(replies)
+        if not queue or not all(isinstance(r, Reply) for r in queue):
+            raise ValueError("route() takes Reply objects or one handler function")
+
+        def next_reply(hit: Hit) -> Reply:
+            with self._lock:
+                reply = queue.pop(0) if len(queue) > 1 else queue[0]
+            assert isinstance(reply, Reply)
+            return reply
+
+        self._routes[(host, path)] = next_reply
+
+    def set_pages(self, host: str, count: int) -> None:
+        """Make the index of *host* link to *count* generated pages."""
+        self._pages[host] = count
+
+    def reset(self) -> None:
+        """Forget routes, page counts and hits."""
+        with self._lock:
+            self._routes.clear()
+            self._pages.clear()
+            self._hits.clear()
+
+    # -- what the site saw ------------------------------------------------------
+    def hits(self, host: str | None = None, path: str | None = None) -> list[Hit]:
+        with self._lock:
+            return [
+                h
+                for h in self._hits
+                if (host is None or h.host == host) and (path is None or h.path == path)
+            ]
+
+    def page_hits(self, host: str | None = None) -> list[Hit]:
+        """Hits on anything but /robots.txt."""
+        return [h for h in self.hits(host) if h.path != "/robots.txt"]
+
+    def gaps(self, host: str, *, include_robots: bool = True) -> list[float]:
+        """Seconds between consecutive request arrivals at *host*."""
+        hits = self.hits(host) if include_robots else self.page_hits(host)
+        times = sorted(h.time for h in hits)
+        return [b - a for a, b in itertools.pairwise(times)]
+
+    def max_in_flight(self, host: str) -> int:
+        return max((h.in_flight for h in self.hits(host)), default=0)
+
+    # -- serving ----------------------------------------------------------------
+    def _arrive(self, host: str, path: str, method: str, headers: dict[str, str]) -> Hit:
+        with self._lock:
+            self._in_flight[host] = self._in_flight.get(host, 0) + 1
+            hit = Hit(host, path, method, time.monotonic(), self._in_flight[host], headers)
+            self._hits.append(hit)
+        return hit
+
+    def _leave(self, host: str) -> None:
+        with self._lock:
+            self._in_flight[host] -= 1
+
+    def _reply(self, hit: Hit) -> Reply:
+        route = self._routes.get((hit.host, hit.path)) or self._routes.get(
+            (hit.host, urlsplit(hit.path).path)
+        )
+        if route is not None:
+            return route(hit)
+        return self._generated(hit)
+
+    def _generated(self, hit: Hit) -> Reply:
+        parts = urlsplit(hit.path)
+        html = (("Content-Type", "text/html; charset=utf-8"),)
+        if parts.path == "/":
+            count = self._pages.get(hit.host, self.default_pages)
+            query = parse_qs(parts.query)
+            if "n" in query:
+                count = int(query["n"][0])
+            return Reply(200, index_body(count), html)
+        if parts.path.startswith("/p/") and parts.path[3:].isdigit():
+            return Reply(200, page_body(hit.host, int(parts.path[3:])), html)
+        return Reply(404, b"not found", (("Content-Type", "text/plain"),))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+    site: Site
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def _serve(self, *, send_body: bool) -> None:
+        site = self.server.site
+        host = self.server.server_address[0]
+        assert isinstance(host, str)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        hit = site._arrive(host, self.path, self.command, headers)
+        try:
+            reply = site._reply(hit)
+            if reply.delay:
+                time.sleep(reply.delay)  # a slow site, in the site's own thread
+            if reply.close:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            body = reply.body_bytes()
+            self.send_response(reply.status)
+            names = {name.lower() for name, _ in reply.headers}
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            if "content-length" not in names:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if send_body and reply.status not in (204, 304):
+                self.wfile.write(body)
+        finally:
+            site._leave(host)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--hosts", nargs="*", default=list(HOSTS[:4]))
+    parser.add_argument("--pages", type=int, default=20)
+    args = parser.parse_args()
+    with Site(args.hosts, args.port, args.pages) as site:
+        print("serving", " ".join(site.url(h) for h in site.hosts), flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Spiders the tests run (by import path, in a child process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import scrapy
+from scrapy.http import Response
+
+
+class PagesSpider(scrapy.Spider):
+    """Fetch the given URLs; with ``follow``, also every link on them.
+
+    Arguments (strings or JSON): ``urls``, a list of start URLs; ``follow``,
+    whether to follow links found on them.
+    """
+
+    name = "pages"
+
+    def __init__(self, urls: Any = "[]", follow: Any = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_urls = json.loads(urls) if isinstance(urls, str) else list(urls)
+        self.follow = follow in (True, "1", "true", "True")
+
+    def parse(self, response: Response) -> Iterator[Any]:
+        yield {
+            "url": response.url,
+            "status": response.status,
+            "title": response.css("title::text").get(),
+            "length": len(response.body),
+        }
+        if self.follow and hasattr(response, "css"):
+            yield from response.follow_all(css="a::attr(href)", callback=self.parse_page)
+
+    def parse_page(self, response: Response) -> Iterator[Any]:
+        yield {
+            "url": response.url,
+            "status": response.status,
+            "title": response.css("title::text").get(),
+            "length": len(response.body),
+        }
