@@ -19,11 +19,12 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
+import scrapy.core.downloader
 from scrapy import Request, signals
 from scrapy.core.downloader import Slot
 from scrapy.downloadermiddlewares.retry import get_retry_request
@@ -40,8 +41,6 @@ from scrapy_polite._settings import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from scrapy import Spider
     from scrapy.core.downloader import Downloader
     from scrapy.crawler import Crawler
@@ -58,6 +57,9 @@ DISTRIBUTIONS = ("uniform", "lognormal", "exponential")
 # gap, Scrapy's queue loop starts every queued request before any of them
 # counts, and the per-domain limit does not hold at the site.
 _MIN_GAP = 0.001
+
+# The clock of Slot.lastseen: time.monotonic since Scrapy 2.14, time.time before.
+_SLOT_CLOCK: Callable[[], float] = getattr(scrapy.core.downloader, "monotonic", time.time)
 
 # The log-normal's shape: sigma of the underlying normal (heavier tail as it grows).
 _LOGNORMAL_SIGMA = 1.0
@@ -203,7 +205,12 @@ class _DomainState:
     backoff: float = 0.0  # extra seconds added to every gap, after 429/503
     hold_until: float = 0.0  # monotonic time before which nothing is sent (Retry-After)
     crawl_delay: float = 0.0  # from robots.txt
-    backoffs: int = 0
+    last_departure: float = 0.0  # when the last request left for this domain
+    revision: int = 0  # bumped when the domain must slow down at once
+
+    def slow_down(self) -> None:
+        """Make the next gap be drawn again, with what was just learnt."""
+        self.revision += 1
 
     def floor(self) -> float:
         return max(self.range.low, self.crawl_delay)
@@ -215,7 +222,8 @@ class PoliteSlot(Slot):
     Scrapy calls ``download_delay()`` each time it looks at the slot's queue;
     the gap is drawn once per departure (when ``lastseen`` moves), so a queue
     looked at twice does not re-roll its wait, and the gaps the site sees follow
-    the configured distribution.
+    the configured distribution. A back-off or a new Crawl-delay draws the
+    pending gap again at once.
     """
 
     __slots__ = ("_config", "_drawn_for", "_gap", "_on_draw", "_rng", "_state")
@@ -231,16 +239,19 @@ class PoliteSlot(Slot):
     ) -> None:
         # ``delay`` is left for AutoThrottle to write; it can raise a gap, never lower it.
         super().__init__(concurrency, start_delay, 0.0)
+        # A slot made again after Scrapy dropped the idle one keeps the domain's pace.
+        self.lastseen = state.last_departure
         self._state = state
         self._config = config
         self._rng = rng
         self._on_draw = on_draw
-        self._drawn_for = -1.0
+        self._drawn_for = (-1.0, -1)
         self._gap = 0.0
 
     def download_delay(self) -> float:
-        if self._drawn_for != self.lastseen:
-            self._drawn_for = self.lastseen
+        if self._drawn_for != (self.lastseen, self._state.revision):
+            self._drawn_for = (self.lastseen, self._state.revision)
+            self._state.last_departure = self.lastseen
             self._gap = self._draw()
             self._on_draw(self._state, self._gap)
         hold = self._state.hold_until - self.lastseen
@@ -352,8 +363,8 @@ class PoliteDelayMiddleware:
             max(state.backoff * self.config.backoff_factor, self.config.backoff_delay),
         )
         if retry_after:
-            state.hold_until = max(state.hold_until, monotonic() + retry_after)
-        state.backoffs += 1
+            state.hold_until = max(state.hold_until, _SLOT_CLOCK() + retry_after)
+        state.slow_down()
         stats = self.crawler.stats
         assert stats is not None
         stats.inc_value("polite/delay/backoff")
@@ -393,6 +404,7 @@ class PoliteDelayMiddleware:
             )
             seconds = self.config.cap
         state.crawl_delay = seconds
+        state.slow_down()
         assert self.crawler.stats is not None
         self.crawler.stats.set_value(f"polite/delay/crawl_delay/{state.key}", seconds)
         logger.info("%s: Crawl-delay %.2f s is now its delay floor", state.key, seconds)

@@ -125,6 +125,7 @@ class Site:
         self._lock = threading.Lock()
         self._routes: dict[tuple[str, str], Handler] = {}
         self._pages: dict[str, int] = {}
+        self._latency: dict[str, float] = {}
         self._hits: list[Hit] = []
         self._in_flight: dict[str, int] = {}
         self._servers: list[ThreadingHTTPServer] = []
@@ -192,11 +193,16 @@ class Site:
         """Make the index of *host* link to *count* generated pages."""
         self._pages[host] = count
 
+    def set_latency(self, host: str, seconds: float) -> None:
+        """Make the generated pages of *host* answer after *seconds*."""
+        self._latency[host] = seconds
+
     def reset(self) -> None:
-        """Forget routes, page counts and hits."""
+        """Forget routes, page counts, latencies and hits."""
         with self._lock:
             self._routes.clear()
             self._pages.clear()
+            self._latency.clear()
             self._hits.clear()
 
     # -- what the site saw ------------------------------------------------------
@@ -244,14 +250,15 @@ class Site:
     def _generated(self, hit: Hit) -> Reply:
         parts = urlsplit(hit.path)
         html = (("Content-Type", "text/html; charset=utf-8"),)
+        latency = self._latency.get(hit.host, 0.0)
         if parts.path == "/":
             count = self._pages.get(hit.host, self.default_pages)
             query = parse_qs(parts.query)
             if "n" in query:
                 count = int(query["n"][0])
-            return Reply(200, index_body(count), html)
+            return Reply(200, index_body(count), html, latency)
         if parts.path.startswith("/p/") and parts.path[3:].isdigit():
-            return Reply(200, page_body(hit.host, int(parts.path[3:])), html)
+            return Reply(200, page_body(hit.host, int(parts.path[3:])), html, latency)
         return Reply(404, b"not found", (("Content-Type", "text/plain"),))
 
 
