@@ -51,15 +51,11 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "lognormal", "exponential")
 
-# Every gap is at least this long, so that each departure from a slot is its
-# own wake-up of the event loop. On the asyncio reactor a download only counts
-# against CONCURRENT_REQUESTS_PER_DOMAIN once its task has started; without a
-# gap, Scrapy's queue loop starts every queued request before any of them
-# counts, and the per-domain limit does not hold at the site.
-_MIN_GAP = 0.001
-
 # The clock of Slot.lastseen: time.monotonic since Scrapy 2.14, time.time before.
 _SLOT_CLOCK: Callable[[], float] = getattr(scrapy.core.downloader, "monotonic", time.time)
+
+# An extra delay below this is dropped when it fades away (seconds).
+_NEGLIGIBLE = 0.001
 
 # The log-normal's shape: sigma of the underlying normal (heavier tail as it grows).
 _LOGNORMAL_SIGMA = 1.0
@@ -226,7 +222,7 @@ class PoliteSlot(Slot):
     pending gap again at once.
     """
 
-    __slots__ = ("_config", "_drawn_for", "_gap", "_on_draw", "_rng", "_state")
+    __slots__ = ("_config", "_drawn_for", "_gap", "_on_draw", "_rng", "_starting", "_state")
 
     def __init__(
         self,
@@ -247,6 +243,20 @@ class PoliteSlot(Slot):
         self._on_draw = on_draw
         self._drawn_for = (-1.0, -1)
         self._gap = 0.0
+        self._starting: set[Request] = set()
+        self.transferring = _Transferring(self._starting)
+
+    def free_transfer_slots(self) -> int:
+        # Scrapy's queue loop pops the head of the queue each time this is
+        # positive, but on the asyncio reactor that download only joins
+        # ``transferring`` once its task first runs, after the loop is over.
+        # Counting it from the pop on keeps CONCURRENT_REQUESTS_PER_DOMAIN at
+        # the site; requests that left without starting are forgotten.
+        self._starting &= self.active
+        free = self.concurrency - len(self.transferring) - len(self._starting)
+        if free > 0 and self.queue:
+            self._starting.add(self.queue[0][0])
+        return free
 
     def download_delay(self) -> float:
         if self._drawn_for != (self.lastseen, self._state.revision):
@@ -261,7 +271,19 @@ class PoliteSlot(Slot):
         state = self._state
         floor = state.floor()
         gap = max(state.range.raised_to(floor).draw(self._rng), self.delay) + state.backoff
-        return max(_MIN_GAP, min(max(gap, floor), self._config.cap))
+        return min(max(gap, floor), self._config.cap)
+
+
+class _Transferring(set[Request]):
+    """A slot's downloads in progress; a download that starts is no longer starting."""
+
+    def __init__(self, starting: set[Request]) -> None:
+        super().__init__()
+        self._starting = starting
+
+    def add(self, request: Request) -> None:
+        self._starting.discard(request)
+        super().add(request)
 
 
 class PoliteDelayMiddleware:
@@ -334,7 +356,7 @@ class PoliteDelayMiddleware:
         if response.status not in self.config.backoff_codes:
             if state.backoff:
                 state.backoff *= self.config.backoff_recovery
-                if state.backoff < _MIN_GAP:
+                if state.backoff < _NEGLIGIBLE:
                     state.backoff = 0.0
             return response
         self._back_off(state, response)

@@ -1,0 +1,105 @@
+"""The add-on: what it changes, what it leaves alone, and that it logs what it enabled."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from scrapy import Spider
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
+from scrapy.settings import BaseSettings
+from scrapy.utils.test import get_crawler
+
+from scrapy_polite import Addon
+from scrapy_polite.delays import PoliteDelayMiddleware
+from scrapy_polite.process import ProcessPipeline
+from scrapy_polite.robots import PoliteRobotsTxtMiddleware
+from tests.crawl import crawl
+from tests.site import Site
+
+
+def _settings(user: dict[str, Any]) -> dict[str, Any]:
+    settings = get_crawler(Spider, user).settings
+    return {
+        name: dict(settings[name]) if isinstance(settings[name], BaseSettings) else settings[name]
+        for name in settings
+    }
+
+
+def _changed_by_addon(user: dict[str, Any]) -> dict[str, Any]:
+    """Every setting whose value the add-on changed, given the user's settings."""
+    without = _settings(user)
+    with_addon = _settings({**user, "ADDONS": {Addon: 100}})
+    return {
+        name: value
+        for name, value in with_addon.items()
+        if name != "ADDONS" and value != without.get(name)
+    }
+
+
+def test_addon_alone_adds_only_the_delay_middleware():
+    assert _changed_by_addon({}) == {"DOWNLOADER_MIDDLEWARES": {PoliteDelayMiddleware: 560}}
+
+
+def test_robotstxt_obey_swaps_scrapys_middleware_for_ours():
+    changed = _changed_by_addon({"ROBOTSTXT_OBEY": True})
+    assert changed == {
+        "DOWNLOADER_MIDDLEWARES": {
+            RobotsTxtMiddleware: None,
+            PoliteRobotsTxtMiddleware: 100,
+            PoliteDelayMiddleware: 560,
+        }
+    }
+
+
+def test_http_cache_gets_the_redis_storage_unless_the_user_chose_one():
+    changed = _changed_by_addon({"HTTPCACHE_ENABLED": True})
+    assert changed["HTTPCACHE_STORAGE"] == "scrapy_polite.httpcache.RedisCacheStorage"
+    mine = "scrapy.extensions.httpcache.DbmCacheStorage"
+    changed = _changed_by_addon({"HTTPCACHE_ENABLED": True, "HTTPCACHE_STORAGE": mine})
+    assert "HTTPCACHE_STORAGE" not in changed
+
+
+def test_process_pipeline_is_added_after_the_users_pipelines_only_when_a_function_is_set():
+    changed = _changed_by_addon({"POLITE_PROCESS_FUNCTION": "json.loads"})
+    assert changed["ITEM_PIPELINES"] == {ProcessPipeline: 1000}
+    assert "ITEM_PIPELINES" not in _changed_by_addon({})
+
+
+@pytest.mark.parametrize("placed", [700, None])
+def test_a_component_the_user_placed_or_disabled_is_left_as_is_and_never_added_twice(placed):
+    path = "scrapy_polite.delays.PoliteDelayMiddleware"
+    settings = get_crawler(
+        Spider, {"ADDONS": {Addon: 100}, "DOWNLOADER_MIDDLEWARES": {path: placed}}
+    ).settings
+    middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES")
+    ours = [key for key in middlewares if key in (path, PoliteDelayMiddleware)]
+    assert ours == [path]
+    assert middlewares[path] == placed
+
+
+def test_a_user_setting_wins_over_the_addon():
+    settings = get_crawler(
+        Spider, {"ADDONS": {Addon: 100}, "HTTPCACHE_ENABLED": True, "ROBOTSTXT_OBEY": False}
+    ).settings
+    assert settings.getbool("ROBOTSTXT_OBEY") is False
+    assert settings.getpriority("ROBOTSTXT_OBEY") == 20  # the project's, not the add-on's
+
+
+def test_delays_can_be_switched_off():
+    assert _changed_by_addon({"POLITE_DELAY_ENABLED": False}) == {}
+
+
+@pytest.mark.parametrize("reactor", ["asyncio", "epoll"])
+def test_one_line_in_settings_turns_the_bundle_on_in_a_real_crawl(site: Site, reactor: str):
+    host = site.hosts[0]
+    result = crawl(
+        "tests.spiders.PagesSpider",
+        {"ADDONS": {"scrapy_polite.Addon": 100}, "POLITE_DELAY": 0.2},
+        args={"urls": json.dumps([site.url(host, f"/p/{i}") for i in range(3)])},
+        reactor=reactor,
+    )
+    assert "scrapy-polite: per-domain delays on" in result.log
+    assert len(result.items) == 3
+    assert min(site.gaps(host)) >= 0.2 - 0.005

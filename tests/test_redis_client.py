@@ -1,0 +1,74 @@
+"""Building a Redis client from settings: which URL, which timeouts, no password in logs."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from scrapy.settings import Settings
+
+from scrapy_polite import PoliteSettingError
+from scrapy_polite.redis_client import redact, redis_from_settings, redis_url
+from tests.redis_server import RedisServer
+
+
+def test_url_comes_from_the_component_then_polite_then_scrapy_redis_settings():
+    settings = Settings(
+        {
+            "POLITE_HTTPCACHE_REDIS_URL": "redis://cache:1/0",
+            "POLITE_REDIS_URL": "redis://polite:2/0",
+            "REDIS_URL": "redis://cluster:3/0",
+        }
+    )
+    assert redis_url(settings, "POLITE_HTTPCACHE_REDIS_URL") == "redis://cache:1/0"
+    assert redis_url(settings, "POLITE_ROBOTS_REDIS_URL") == "redis://polite:2/0"
+    del settings["POLITE_REDIS_URL"]
+    assert redis_url(settings) == "redis://cluster:3/0"
+
+
+def test_scrapy_redis_host_and_port_make_a_url_and_nothing_set_means_no_redis():
+    assert redis_url(Settings({"REDIS_HOST": "10.0.0.5", "REDIS_PORT": 6380})) == (
+        "redis://10.0.0.5:6380"
+    )
+    assert redis_url(Settings()) is None
+
+
+def test_a_bad_url_names_the_setting_and_hides_the_password():
+    with pytest.raises(PoliteSettingError, match="POLITE_REDIS_URL") as error:
+        redis_url(Settings({"POLITE_REDIS_URL": "http://user:s3cret@host:6379"}))
+    assert "s3cret" not in str(error.value)
+
+
+def test_redact_hides_only_the_password():
+    assert redact("redis://user:s3cret@host:6380/1") == "redis://user:***@host:6380/1"
+    assert redact("rediss://:s3cret@host/0") == "rediss://:***@host/0"
+    assert redact("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_client_talks_to_a_real_redis_with_short_timeouts_and_scrapy_redis_params(
+    redis_server: RedisServer,
+):
+    settings = Settings({"POLITE_REDIS_TIMEOUT": 0.25, "REDIS_PARAMS": {"client_name": "polite"}})
+    client = redis_from_settings(settings, redis_server.url)
+    assert client.ping()
+    assert client.client_getname() == "polite"
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.25
+
+
+def test_tls_and_unix_socket_urls_choose_their_connection_kinds():
+    tls = redis_from_settings(Settings(), "rediss://:pw@127.0.0.1:6390/0")
+    unix = redis_from_settings(Settings(), "unix:///tmp/polite-test.sock?db=0")
+    assert tls.connection_pool.connection_class is redis.SSLConnection
+    assert unix.connection_pool.connection_class is redis.UnixDomainSocketConnection
+
+
+def test_a_stopped_redis_is_a_connection_error_not_a_hang(redis_server: RedisServer):
+    client = redis_from_settings(Settings(), redis_server.url)
+    redis_server.stop()
+    with pytest.raises(redis.ConnectionError):
+        client.ping()
+
+
+def test_an_invalid_timeout_is_rejected_with_its_name():
+    with pytest.raises(PoliteSettingError, match="POLITE_REDIS_TIMEOUT"):
+        redis_from_settings(Settings({"POLITE_REDIS_TIMEOUT": 0}), "redis://127.0.0.1:1/0")
