@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-import scrapy.core.downloader
 from scrapy import Request, signals
 from scrapy.core.downloader import Slot
 from scrapy.downloadermiddlewares.retry import get_retry_request
@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DISTRIBUTIONS = ("uniform", "lognormal", "exponential")
-
-# The clock of Slot.lastseen: time.monotonic since Scrapy 2.14, time.time before.
-_SLOT_CLOCK: Callable[[], float] = getattr(scrapy.core.downloader, "monotonic", time.time)
 
 # An extra delay below this is dropped when it fades away (seconds).
 _NEGLIGIBLE = 0.001
@@ -199,7 +196,7 @@ class _DomainState:
     key: str
     range: DelayRange
     backoff: float = 0.0  # extra seconds added to every gap, after 429/503
-    hold_until: float = 0.0  # monotonic time before which nothing is sent (Retry-After)
+    hold_until: float = 0.0  # time.monotonic() (Slot.lastseen's clock) before which nothing is sent
     crawl_delay: float = 0.0  # from robots.txt
     last_departure: float = 0.0  # when the last request left for this domain
     revision: int = 0  # bumped when the domain must slow down at once
@@ -385,7 +382,7 @@ class PoliteDelayMiddleware:
             max(state.backoff * self.config.backoff_factor, self.config.backoff_delay),
         )
         if retry_after:
-            state.hold_until = max(state.hold_until, _SLOT_CLOCK() + retry_after)
+            state.hold_until = max(state.hold_until, monotonic() + retry_after)
         state.slow_down()
         stats = self.crawler.stats
         assert stats is not None
