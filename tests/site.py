@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(2, 10))
@@ -160,6 +161,7 @@ class Site:
         for host in self.hosts:
             server = _Server((host, port), _RequestHandler)
             server.site = self
+            server.accepted = {}
             self._servers.append(server)
         self.port = port
 
@@ -228,10 +230,12 @@ class Site:
         return max((h.in_flight for h in self.hits(host)), default=0)
 
     # -- serving ----------------------------------------------------------------
-    def _arrive(self, host: str, path: str, method: str, headers: dict[str, str]) -> Hit:
+    def _arrive(
+        self, host: str, path: str, method: str, headers: dict[str, str], arrived: float
+    ) -> Hit:
         with self._lock:
             self._in_flight[host] = self._in_flight.get(host, 0) + 1
-            hit = Hit(host, path, method, time.monotonic(), self._in_flight[host], headers)
+            hit = Hit(host, path, method, arrived, self._in_flight[host], headers)
             self._hits.append(hit)
         return hit
 
@@ -267,6 +271,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     site: Site
+    accepted: dict[int, float]  # connection accept times by socket id
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # When the connection came in, before a thread is started for it: the
+        # arrival time of the first request on a new connection.
+        self.accepted[id(request)] = time.monotonic()
+        super().process_request(request, client_address)
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -282,12 +293,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve(send_body=False)
 
+    def setup(self) -> None:
+        super().setup()
+        self._accepted_at: float | None = self.server.accepted.pop(id(self.request), None)
+
     def _serve(self, *, send_body: bool) -> None:
         site = self.server.site
         host = self.server.server_address[0]
         assert isinstance(host, str)
         headers = {k.lower(): v for k, v in self.headers.items()}
-        hit = site._arrive(host, self.path, self.command, headers)
+        arrived, self._accepted_at = self._accepted_at or time.monotonic(), None
+        hit = site._arrive(host, self.path, self.command, headers, arrived)
         try:
             reply = site._reply(hit)
             if reply.delay:

@@ -23,7 +23,9 @@ from tests.site import Reply, Site
 
 ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}}
 REACTORS = ["asyncio", "epoll"]
-EPS = 0.005  # timer resolution: a gap may come this much short of its floor
+# A gap at the site may come this much short of its floor: timer resolution, and a
+# server thread that wakes late for one request and on time for the next.
+EPS = 0.01
 
 
 def _urls(site: Site, host: str, count: int, start: int = 0) -> list[str]:
@@ -53,7 +55,7 @@ def _gaps_after(site: Site, host: str, path: str) -> list[float]:
 @pytest.mark.parametrize("reactor", REACTORS)
 def test_uniform_delay_spaces_each_host_and_hosts_run_in_parallel(site: Site, reactor: str):
     hosts = site.hosts[:3]
-    urls = [u for host in hosts for u in _urls(site, host, 14)]
+    urls = [u for host in hosts for u in _urls(site, host, 20)]
     result = _crawl_urls(
         urls,
         {"POLITE_DELAY": [0.3, 0.6], "CONCURRENT_REQUESTS_PER_DOMAIN": 2},
@@ -63,7 +65,7 @@ def test_uniform_delay_spaces_each_host_and_hosts_run_in_parallel(site: Site, re
     all_gaps = []
     for host in hosts:
         gaps = site.gaps(host)
-        assert len(gaps) == 13
+        assert len(gaps) == 19
         assert min(gaps) >= 0.3 - EPS, gaps
         all_gaps += gaps
     mean = statistics.mean(all_gaps)
