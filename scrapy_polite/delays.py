@@ -198,7 +198,8 @@ class _DomainState:
     backoff: float = 0.0  # extra seconds added to every gap, after 429/503
     hold_until: float = 0.0  # time.monotonic() (Slot.lastseen's clock) before which nothing is sent
     crawl_delay: float = 0.0  # from robots.txt
-    last_departure: float = 0.0  # when the last request left for this domain
+    last_departure: float = 0.0  # when the last request left the slot's queue
+    last_start: float = 0.0  # when the last download started (closer to the wire)
     revision: int = 0  # bumped when the domain must slow down at once
 
     def slow_down(self) -> None:
@@ -241,7 +242,7 @@ class PoliteSlot(Slot):
         self._drawn_for = (-1.0, -1)
         self._gap = 0.0
         self._starting: set[Request] = set()
-        self.transferring = _Transferring(self._starting)
+        self.transferring = _Transferring(self._starting, state)
 
     def free_transfer_slots(self) -> int:
         # Scrapy's queue loop pops the head of the queue each time this is
@@ -262,7 +263,13 @@ class PoliteSlot(Slot):
             self._gap = self._draw()
             self._on_draw(self._state, self._gap)
         hold = self._state.hold_until - self.lastseen
-        return max(self._gap, hold)
+        if self._gap <= 0:
+            return max(0.0, hold)
+        # Count the gap from when the last download really started, not from when
+        # it left the queue: on a busy machine the two can be far apart, and the
+        # site sees the former.
+        started_late = max(0.0, self._state.last_start - self.lastseen)
+        return max(self._gap + started_late, hold)
 
     def _draw(self) -> float:
         state = self._state
@@ -274,12 +281,14 @@ class PoliteSlot(Slot):
 class _Transferring(set[Request]):
     """A slot's downloads in progress; a download that starts is no longer starting."""
 
-    def __init__(self, starting: set[Request]) -> None:
+    def __init__(self, starting: set[Request], state: _DomainState) -> None:
         super().__init__()
         self._starting = starting
+        self._state = state
 
     def add(self, request: Request) -> None:
         self._starting.discard(request)
+        self._state.last_start = monotonic()
         super().add(request)
 
 
