@@ -220,7 +220,7 @@ class ProcessPipeline:
             payload = _dumps(fields, "item")
         except _NotPicklableError as error:
             return self._not_processed(item, fields, "unpicklable", str(error))
-        outcome = await maybe_deferred_to_future(pool.run(payload))
+        outcome = await maybe_deferred_to_future(pool.run(payload, _describe(fields)))
         try:
             pickled, seconds = outcome.result()
             # Our own worker wrote it, to the pool's private pipe: no one else could.
@@ -323,6 +323,7 @@ class _Job:
     """One item on its way through the pool."""
 
     payload: bytes
+    label: str  # for the log: "the item of <url>"
     done: Deferred[Future[tuple[bytes, float]]] = field(default_factory=Deferred)
     suspect: bool = False  # was in the pool when a worker died: runs again, alone
     deaths: int = 0  # worker deaths while this item ran alone
@@ -360,8 +361,8 @@ class _WorkerPool:
             deferToThread(_warm_up, self._executor, self.config.function, self.config.workers)
         )
 
-    def run(self, payload: bytes) -> Deferred[Future[tuple[bytes, float]]]:
-        job = _Job(payload)
+    def run(self, payload: bytes, label: str) -> Deferred[Future[tuple[bytes, float]]]:
+        job = _Job(payload, label)
         self._backlog.append(job)
         self._pump()
         return job.done
@@ -396,7 +397,7 @@ class _WorkerPool:
             future = executor.submit(_run_in_worker, self.config.function, job.payload)
         except BrokenProcessPool:
             # Broken before its futures told us so; this item never ran in it.
-            self._restart(executor, len(self._running))
+            self._restart(executor, explain=True)
             self._submit(job)
             return
         except Exception as error:  # e.g. once the interpreter is shutting down
@@ -426,7 +427,7 @@ class _WorkerPool:
 
     def _worker_died(self, job: _Job, executor: ProcessPoolExecutor, solo: bool) -> None:
         if executor is self._executor:
-            self._restart(executor, len(self._running) + 1)
+            self._restart(executor, explain=not solo)
         if not solo:
             # It shared the pool with others: the death cannot be blamed on it.
             job.suspect = True
@@ -446,18 +447,19 @@ class _WorkerPool:
             return
         self.stats.inc_value("polite/process/retried")
         logger.warning(
-            "A worker process died running one item alone: retry %d of %d",
+            "A worker process died running %s alone; started new workers (retry %d of %d)",
+            job.label,
             job.deaths,
             self.config.retries,
         )
         self._backlog.appendleft(job)
 
-    def _restart(self, broken: ProcessPoolExecutor, in_pool: int) -> None:
-        logger.warning(
-            "A worker process died; starting new workers. The %d item(s) that were in the "
-            "pool run again, one at a time, to find the one at fault.",
-            in_pool,
-        )
+    def _restart(self, broken: ProcessPoolExecutor, *, explain: bool) -> None:
+        if explain:
+            logger.warning(
+                "A worker process died; started new workers. The items that were in the pool "
+                "run again, one at a time, to find the one at fault."
+            )
         self.stats.inc_value("polite/process/worker_restarts")
         broken.shutdown(wait=False)  # its manager thread reaps the dead pool's processes
         self._executor = self._new_executor()

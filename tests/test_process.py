@@ -361,7 +361,7 @@ def test_stopping_the_crawl_finishes_items_in_flight_and_leaves_no_process(
     site: Site, tmp_path: Path, sig: signal.Signals
 ):
     urls = _urls(site, 40)
-    settings = {**ADDON, "POLITE_DELAY_ENABLED": True, "POLITE_DELAY": 0.1}
+    settings = {**ADDON, "DOWNLOAD_DELAY": 0.1}
     settings |= {"POLITE_PROCESS_WORKERS": 2, "POLITE_PROCESS_MAX_IN_FLIGHT": 4}
     extra = {"sleep": 0.5, "pid_dir": str(tmp_path)}
     process, out = start_crawl(
