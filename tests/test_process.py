@@ -356,27 +356,41 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _crawl_with_busy_workers(site: Site, pid_dir: Path) -> tuple[Any, Path, set[int]]:
+    """Start a 40-page crawl of slow items; return once both workers are busy.
+
+    Also returns every process the crawl has started by then (workers, fork
+    server, resource tracker).
+    """
+    settings = {**ADDON, "DOWNLOAD_DELAY": 0.1}
+    settings |= {"POLITE_PROCESS_WORKERS": 2, "POLITE_PROCESS_MAX_IN_FLIGHT": 4}
+    extra = {"sleep": 0.5, "pid_dir": str(pid_dir)}
+    args = {"urls": json.dumps(_urls(site, 40)), "extra": json.dumps(extra)}
+    process, out = start_crawl("tests.test_process.ItemsSpider", settings, args=args)
+    deadline = time.monotonic() + 60
+    while len(list(pid_dir.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = {int(path.name) for path in pid_dir.iterdir()}
+    spawned = _descendants(process.pid)
+    if len(workers) != 2 or not workers <= spawned:
+        process.kill()
+        raise AssertionError(f"the workers never started:\n{finish_crawl(process, out).log}")
+    return process, out, spawned
+
+
+def _assert_all_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _running(pid)], "processes left behind"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_the_crawl_finishes_items_in_flight_and_leaves_no_process(
     site: Site, tmp_path: Path, sig: signal.Signals
 ):
-    urls = _urls(site, 40)
-    settings = {**ADDON, "DOWNLOAD_DELAY": 0.1}
-    settings |= {"POLITE_PROCESS_WORKERS": 2, "POLITE_PROCESS_MAX_IN_FLIGHT": 4}
-    extra = {"sleep": 0.5, "pid_dir": str(tmp_path)}
-    process, out = start_crawl(
-        "tests.test_process.ItemsSpider",
-        settings,
-        args={"urls": json.dumps(urls), "extra": json.dumps(extra)},
-    )
+    process, out, spawned = _crawl_with_busy_workers(site, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        workers = {int(path.name) for path in tmp_path.iterdir()}
-        assert len(workers) == 2, "the workers never started"
-        spawned = _descendants(process.pid)
-        assert workers <= spawned
         process.send_signal(sig)
         if sig == signal.SIGINT:
             for pid in spawned:  # a terminal's Ctrl-C reaches the whole process group
@@ -392,10 +406,14 @@ def test_stopping_the_crawl_finishes_items_in_flight_and_leaves_no_process(
     assert result.stat("polite/process/items") == result.stat("polite/process/processed")
     assert result.stat("polite/process/processed") == len(result.items)
     assert result.stat("polite/process/worker_restarts") == 0
-    deadline = time.monotonic() + 10
-    while any(_running(pid) for pid in spawned) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in spawned if _running(pid)], "processes left behind"
+    _assert_all_gone(spawned)
+
+
+def test_workers_exit_by_themselves_when_the_crawl_process_is_killed(site: Site, tmp_path: Path):
+    process, out, spawned = _crawl_with_busy_workers(site, tmp_path)
+    process.kill()  # SIGKILL: no shutdown code runs in the crawl process
+    finish_crawl(process, out, timeout=60)
+    _assert_all_gone(spawned)
 
 
 # -- errors ------------------------------------------------------------------------------------
