@@ -357,9 +357,23 @@ class _WorkerPool:
         """Start every worker and have it import the function, in a thread."""
         from twisted.internet.threads import deferToThread
 
-        await maybe_deferred_to_future(
-            deferToThread(_warm_up, self._executor, self.config.function, self.config.workers)
-        )
+        function = self.config.function
+        try:
+            await maybe_deferred_to_future(
+                deferToThread(_warm_up, self._executor, function, self.config.workers)
+            )
+        except _FunctionError as error:
+            logger.error("A worker process failed to import %s:\n%s", function, error.details)
+            raise PoliteSettingError(
+                "POLITE_PROCESS_FUNCTION",
+                function,
+                f"a function the worker processes can import ({error}; traceback above)",
+            ) from None
+        except BrokenProcessPool as error:
+            raise RuntimeError(
+                f"the process pipeline's worker processes could not start ({error}); "
+                "see their output above"
+            ) from None
 
     def run(self, payload: bytes, label: str) -> Deferred[Future[tuple[bytes, float]]]:
         job = _Job(payload, label)
@@ -474,20 +488,8 @@ def _failed(error: BaseException) -> Future[tuple[bytes, float]]:
 def _warm_up(executor: ProcessPoolExecutor, function: str, workers: int) -> None:
     """Start the workers (one per submitted check) and make sure they can load *function*."""
     checks = [executor.submit(_check_worker, function) for _ in range(workers)]
-    try:
-        for check in checks:
-            check.result()
-    except _FunctionError as error:
-        raise PoliteSettingError(
-            "POLITE_PROCESS_FUNCTION",
-            function,
-            f"a function the worker processes can import ({error}):\n{error.details}",
-        ) from None
-    except BrokenProcessPool as error:
-        raise RuntimeError(
-            f"the process pipeline's worker processes could not start ({error}); "
-            "see their output above"
-        ) from None
+    for check in checks:
+        check.result()
 
 
 class _WorkerDiedError(Exception):

@@ -465,6 +465,30 @@ def test_bad_function_path_stops_the_crawl_at_start_up(site: Site):
     )
 
 
+def test_function_the_workers_cannot_import_stops_the_crawl_at_start_up(
+    site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    (tmp_path / "parent_only.py").write_text(
+        "import multiprocessing\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    raise ImportError('no workers here')\n"
+        "def compute(item):\n"
+        "    return item\n"
+    )
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    result = _run(site, {**ADDON, "POLITE_PROCESS_FUNCTION": "parent_only.compute"}, 3, check=False)
+    assert result.items == []
+    assert not site.page_hits()
+    assert "A worker process failed to import parent_only.compute" in result.log
+    assert 'parent_only.py", line 3, in <module>' in result.log  # the worker's traceback
+    assert (
+        "Invalid setting POLITE_PROCESS_FUNCTION='parent_only.compute': expected a function the "
+        "worker processes can import (ImportError: no workers here; traceback above)"
+    ) in result.log
+
+
 # -- settings ------------------------------------------------------------------------------------
 def test_defaults_use_every_core_and_a_start_method_safe_with_threads():
     config = ProcessConfig.from_settings(Settings({"POLITE_PROCESS_FUNCTION": WORK}))

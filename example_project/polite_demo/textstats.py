@@ -16,7 +16,12 @@ from collections import Counter
 from typing import Any
 
 _WORD = re.compile(r"[^\W\d_]+")
-_STOP_WORDS = frozenset("a an and are as at be by for from in is it of on or the to with".split())
+# fmt: off
+_STOP_WORDS = frozenset({
+    "a", "an", "and", "are", "as", "at", "be", "by", "for", "from",
+    "in", "is", "it", "of", "on", "or", "the", "to", "with",
+})
+# fmt: on
 _PRIME = (1 << 61) - 1
 _PERMUTATIONS = tuple(
     (rng.randrange(1, _PRIME), rng.randrange(_PRIME))
@@ -45,7 +50,6 @@ def _minhash(shingles: set[str]) -> list[int]:
     if not shingles:
         return []
     hashes = [
-        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big")
-        for s in shingles
+        int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "big") for s in shingles
     ]
     return [min((a * h + b) % _PRIME for h in hashes) for a, b in _PERMUTATIONS]
