@@ -254,9 +254,9 @@ def test_items_keep_their_type_unless_it_cannot_hold_the_result(site: Site):
 def test_reactor_stays_responsive_while_the_function_burns_cpu_in_workers(
     site: Site, where: str, reactor: str
 ):
-    burn = 0.4
+    burn = 0.5
     settings = (
-        dict(ADDON)
+        {**ADDON, "POLITE_PROCESS_WORKERS": 2}
         if where == "process"
         else {
             **PIPELINE,
@@ -270,10 +270,10 @@ def test_reactor_stays_responsive_while_the_function_burns_cpu_in_workers(
         # The probe sees a blocked reactor: the control that shows it can fail.
         assert lag_max >= burn * 0.9, result.stats
     else:
-        # Loose ceilings: the machine is shared, but the lag stays far below the burn.
-        # 6 x 0.4 s on 2 workers lasts over 1.2 s: the 10 ms timer kept running meanwhile.
+        # 6 x 0.5 s on 2 workers lasts over 1.5 s: the 10 ms timer kept running meanwhile.
         assert result.stat("probe/ticks") > 40, result.stats
-        assert lag_max < burn / 2, result.stats
+        # Loose ceilings (the machine is shared), still far below one item's burn.
+        assert lag_max < burn * 0.6, result.stats
         assert lag_p95 < 0.05, result.stats
 
 
@@ -282,8 +282,9 @@ def test_no_more_items_in_flight_than_the_limit_and_the_spider_waits_for_them(si
     result = _run(site, settings, 8, extra={"sleep": 0.2})
     assert len(result.items) == 8
     assert result.stat("polite/process/in_flight_max") == 2
-    # 8 items that wait for 2 places, served at 0.2 s each: at least 0.2 * (1 + ... + 6) s.
-    assert result.stat("polite/process/wait_time") >= 0.2 * 21 * 0.9
+    # 8 items for 2 places, served at 0.2 s each: the 6 last ones wait, for 4.2 s in all
+    # if they all arrive at once (less if their downloads straggle). Without waiting, ~0.
+    assert result.stat("polite/process/wait_time") >= 1.0
     assert result.stat("probe/closed_at") >= max(item["done_at"] for item in result.items)
 
 
