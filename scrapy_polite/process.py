@@ -68,8 +68,9 @@ logger = logging.getLogger(__name__)
 START_METHODS = ("forkserver", "spawn", "fork")
 ON_ERROR = ("drop", "keep")
 
-# Scrapy 2.14 and later await coroutines returned by a pipeline's open_spider
-# and close_spider (and warn about Deferreds); older versions need a Deferred.
+# Scrapy versions with ItemPipelineManager.close_spider_async (2.19 has it, 2.13
+# does not) await coroutines returned by a pipeline's open_spider and
+# close_spider, and warn about Deferreds; older ones only wait for a Deferred.
 _AWAITS_OPEN_CLOSE_COROUTINES = hasattr(ItemPipelineManager, "close_spider_async")
 
 
