@@ -16,3 +16,6 @@ CONCURRENT_REQUESTS_PER_DOMAIN = 2
 
 TELNETCONSOLE_ENABLED = False
 LOG_LEVEL = "INFO"
+
+# Text statistics of every page, computed in worker processes, off the reactor.
+POLITE_PROCESS_FUNCTION = "polite_demo.textstats.text_stats"
