@@ -48,14 +48,12 @@ from typing import TYPE_CHECKING, Any
 
 from itemadapter import ItemAdapter
 from scrapy.exceptions import DropItem
-from scrapy.pipelines import ItemPipelineManager
-from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
+from scrapy.utils.defer import maybe_deferred_to_future
 from twisted.internet.defer import Deferred, DeferredSemaphore
 
 from scrapy_polite._settings import PoliteSettingError, get_choice, get_int
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Coroutine
 
     from scrapy import Spider
     from scrapy.crawler import Crawler
@@ -67,11 +65,6 @@ logger = logging.getLogger(__name__)
 
 START_METHODS = ("forkserver", "spawn", "fork")
 ON_ERROR = ("drop", "keep")
-
-# Scrapy versions with ItemPipelineManager.close_spider_async (2.19 has it, 2.13
-# does not) await coroutines returned by a pipeline's open_spider and
-# close_spider, and warn about Deferreds; older ones only wait for a Deferred.
-_AWAITS_OPEN_CLOSE_COROUTINES = hasattr(ItemPipelineManager, "close_spider_async")
 
 
 def available_cores() -> int:
@@ -169,13 +162,7 @@ class ProcessPipeline:
         return cls(crawler)
 
     # -- life cycle -----------------------------------------------------------------
-    def open_spider(self, spider: Spider | None = None) -> Awaitable[None]:
-        return _for_scrapy(self._open())
-
-    def close_spider(self, spider: Spider | None = None) -> Awaitable[None]:
-        return _for_scrapy(self._close())
-
-    async def _open(self) -> None:
+    async def open_spider(self, spider: Spider | None = None) -> None:
         config = self.config
         pool = _WorkerPool(config, self.stats)
         try:
@@ -192,7 +179,7 @@ class ProcessPipeline:
             config.max_in_flight,
         )
 
-    async def _close(self) -> None:
+    async def close_spider(self, spider: Spider | None = None) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -297,13 +284,6 @@ class ProcessPipeline:
                 reason,
             )
         return result
-
-
-def _for_scrapy(coroutine: Coroutine[Any, Any, None]) -> Awaitable[None]:
-    """*coroutine* as this Scrapy version waits for open_spider/close_spider results."""
-    if _AWAITS_OPEN_CLOSE_COROUTINES:
-        return coroutine
-    return deferred_from_coro(coroutine)
 
 
 def _add_seconds(stats: StatsCollector, key: str, seconds: float) -> None:
