@@ -94,7 +94,7 @@ class HttpCacheConfig:
     expiration_secs: int  # 0: never expire
     compression_level: int  # 0: never compress
     compress_min_size: int
-    max_entry_size: int
+    max_body_size: int
     write_batch: int
     write_delay: float
     retry_interval: float
@@ -123,8 +123,8 @@ class HttpCacheConfig:
             compress_min_size=get_int(
                 settings, "POLITE_HTTPCACHE_COMPRESS_MIN_SIZE", 256, minimum=0
             ),
-            max_entry_size=get_int(
-                settings, "POLITE_HTTPCACHE_MAX_ENTRY_SIZE", 8 * 1024 * 1024, minimum=1024
+            max_body_size=get_int(
+                settings, "POLITE_HTTPCACHE_MAX_BODY_SIZE", 8 * 1024 * 1024, minimum=0
             ),
             write_batch=get_int(
                 settings, "POLITE_HTTPCACHE_WRITE_BATCH", 64, minimum=1, maximum=10_000
@@ -220,18 +220,18 @@ class RedisCacheStorage:
     def store_response(self, spider: Spider, request: Request, response: Response) -> None:
         if not self._may_call("store"):
             return
+        if len(response.body) > self.config.max_body_size:
+            self._inc("too_large")
+            logger.debug(
+                "Not caching %s: its body is over POLITE_HTTPCACHE_MAX_BODY_SIZE", response
+            )
+            return
         data = encode_entry(
             response,
             stored_at=time(),
             compression_level=self.config.compression_level,
             compress_min_size=self.config.compress_min_size,
         )
-        if len(data) > self.config.max_entry_size:
-            self._inc("too_large")
-            logger.debug(
-                "Not caching %s: %d bytes is over the entry size limit", response, len(data)
-            )
-            return
         self._pending[self._key(request)] = data
         if len(self._pending) >= self.config.write_batch:
             self._flush()

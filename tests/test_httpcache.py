@@ -263,6 +263,17 @@ def test_batched_stores_are_read_back_before_they_reach_redis(open_storage, redi
     assert storage.stat("store") == 3
 
 
+def test_bodies_over_the_size_limit_are_not_stored(open_storage):
+    writer = open_storage(POLITE_HTTPCACHE_MAX_BODY_SIZE=1000)
+    writer.store(_html("http://example.com/big", body=b"x" * 1001))
+    writer.store(_html("http://example.com/small", body=b"x" * 1000))
+    writer.close()
+    assert writer.stat("too_large") == 1
+    reader = open_storage()
+    assert reader.retrieve("http://example.com/big") is None
+    assert reader.retrieve("http://example.com/small") is not None
+
+
 def test_compression_is_skipped_where_it_is_not_worth_it():
     def encoding(response: Response) -> str:
         data = encode_entry(response, stored_at=0)
