@@ -150,6 +150,10 @@ class RedisCacheStorage:
     def __init__(self, settings: BaseSettings) -> None:
         self.config = HttpCacheConfig.from_settings(settings)
         self._client = redis_from_settings(settings, self.config.url)
+        # Reads go through one connection of the storage's own (the reactor thread
+        # is the only user), without the pool's bookkeeping on every GET.
+        self._reader = self._client.connection_pool.make_connection()
+        self._reader_used = False  # has it answered since it last (re)connected?
         self._ttl = self.config.expiration_secs or None  # never ``EX 0``
         self._url = redact(self.config.url)
         self._key_prefix = ""
@@ -182,6 +186,7 @@ class RedisCacheStorage:
 
     def close_spider(self, spider: Spider) -> None:
         self._flush()
+        self._reader.disconnect()  # type: ignore[no-untyped-call]
         self._client.close()
 
     def retrieve_response(self, spider: Spider, request: Request) -> Response | None:
@@ -191,7 +196,7 @@ class RedisCacheStorage:
             if not self._may_call("retrieve"):
                 return None
             try:
-                data = cast("bytes | None", self._client.get(key))
+                data = self._get(key)
             except redis.ResponseError as exc:
                 if str(exc).startswith("WRONGTYPE"):
                     self._undecodable(key, "not a string")
@@ -270,6 +275,25 @@ class RedisCacheStorage:
         else:
             self._answered()
 
+    def _get(self, key: str) -> bytes | None:
+        """``GET key`` on the reader connection.
+
+        A connection kept from earlier calls may have gone stale (Redis
+        restarted): that one failure gets one more try, on a new connection.
+        """
+        while True:
+            try:
+                self._reader.send_command("GET", key)  # type: ignore[no-untyped-call]
+                data = self._reader.read_response()
+            except redis.ConnectionError:
+                self._reader.disconnect()  # type: ignore[no-untyped-call]
+                retry, self._reader_used = self._reader_used, False
+                if retry:
+                    continue
+                raise
+            self._reader_used = True
+            return cast("bytes | None", data)
+
     # -- Redis health ---------------------------------------------------------------
     def _may_call(self, action: str, count: int = 1) -> bool:
         """False (and counted) while Redis is left alone after a failure."""
@@ -343,14 +367,13 @@ class CacheEntry:
         headers: dict[bytes, list[bytes]] = {}
         for name, value in self.headers:
             headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
-        header_obj = Headers(headers)
         cls = _CLASSES.get(self.response_class or "") or responsetypes.from_args(
-            headers=header_obj, url=self.url, body=self.body
+            headers=Headers(headers), url=self.url, body=self.body
         )
         return cls(
             url=self.url,
             status=self.status,
-            headers=header_obj,
+            headers=headers,
             body=self.body,
             protocol=self.protocol,
             ip_address=ip_address(self.ip_address) if self.ip_address else None,

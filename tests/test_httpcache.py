@@ -315,6 +315,20 @@ def test_bad_setting_fails_at_start_up(redis_server):
         RedisCacheStorage(settings)
 
 
+def test_a_redis_restart_between_two_reads_is_not_an_outage(open_storage, redis_server, caplog):
+    storage = open_storage()
+    storage.store(_html())
+    storage.close()
+    assert storage.retrieve("http://example.com/page") is not None  # the connection is kept
+    redis_server.stop()
+    redis_server.start()  # empty again: the test server keeps nothing on disk
+    with caplog.at_level(logging.WARNING, logger="scrapy_polite.httpcache"):
+        assert storage.retrieve("http://example.com/page") is None
+    assert caplog.records == []
+    assert storage.stat("redis_error") == 0
+    assert storage.stat("miss") == 1
+
+
 def test_redis_down_means_misses_skipped_stores_one_warning_and_no_password(open_storage, caplog):
     url = f"redis://user:s3cret@127.0.0.1:{_free_port()}/0"
     with caplog.at_level(logging.INFO, logger="scrapy_polite.httpcache"):
