@@ -164,6 +164,7 @@ class RedisCacheStorage:
         self._skip_until = 0.0  # monotonic time before which Redis is not called
         self._outage_since: float | None = None
         self._warned_decode = False
+        self._warned_store = False
 
     # -- Scrapy's storage interface ---------------------------------------------
     def open_spider(self, spider: Spider) -> None:
@@ -223,6 +224,15 @@ class RedisCacheStorage:
         return entry.response()
 
     def store_response(self, spider: Spider, request: Request, response: Response) -> None:
+        # Scrapy does not catch what this raises, and the spider would lose the
+        # response: no failure to cache may escape.
+        try:
+            self._store(request, response)
+        except Exception:
+            self._unexpected(f"Could not cache {response}")
+
+    # -- writing --------------------------------------------------------------------
+    def _store(self, request: Request, response: Response) -> None:
         if not self._may_call("store"):
             return
         if len(response.body) > self.config.max_body_size:
@@ -244,9 +254,15 @@ class RedisCacheStorage:
             from twisted.internet import reactor
 
             clock = cast("ReactorBase", reactor)
-            self._flush_call = clock.callLater(self.config.write_delay, self._flush)
+            self._flush_call = clock.callLater(self.config.write_delay, self._flush_later)
 
-    # -- writing --------------------------------------------------------------------
+    def _flush_later(self) -> None:
+        self._flush_call = None
+        try:
+            self._flush()
+        except Exception:
+            self._unexpected("Could not write cache entries")
+
     def _flush(self) -> None:
         """Write every waiting entry in one pipeline."""
         if self._flush_call is not None:
@@ -339,6 +355,12 @@ class RedisCacheStorage:
         log = logger.debug if self._warned_decode else logger.warning
         self._warned_decode = True
         log("Cache entry %s cannot be read (%s): treated as a miss", key, reason)
+
+    def _unexpected(self, message: str) -> None:
+        self._inc("store_error")
+        log = logger.debug if self._warned_store else logger.error
+        self._warned_store = True
+        log("%s; the crawl goes on", message, exc_info=True)
 
     def _inc(self, event: str, count: int = 1) -> None:
         if self._stats is not None and count:
@@ -440,10 +462,7 @@ def decode_entry(data: bytes) -> CacheEntry:
         entry = CacheEntry(
             status=_typed(header["status"], int),
             url=_typed(header["url"], str),
-            headers=[
-                (_typed(name, str), _typed(value, str))
-                for name, value in _typed(header["headers"], list)
-            ],
+            headers=_headers(header["headers"]),
             body=_body(header, data[end + 1 :]),
             stored_at=float(_typed(header["stored_at"], (int, float))),
             response_class=_typed(header.get("class"), (str, type(None))),
@@ -521,6 +540,13 @@ def _body(header: dict[str, Any], payload: bytes) -> bytes:
     if len(body) != size:
         raise CacheEntryError(f"body is {len(body)} bytes, {size} announced")
     return body
+
+
+def _headers(value: Any) -> list[tuple[str, str]]:
+    pairs = [(name, text) for name, text in _typed(value, list)]
+    if not all(type(name) is str and type(text) is str for name, text in pairs):
+        raise CacheEntryError("headers are not [name, value] text pairs")
+    return pairs
 
 
 def _typed(value: Any, types: type | tuple[type, ...]) -> Any:

@@ -274,6 +274,24 @@ def test_bodies_over_the_size_limit_are_not_stored(open_storage):
     assert reader.retrieve("http://example.com/small") is not None
 
 
+class _UnreadableBody(HtmlResponse):
+    @property
+    def body(self) -> bytes:
+        raise RuntimeError("unreadable body")
+
+
+def test_a_response_that_cannot_be_stored_is_counted_and_nothing_escapes(open_storage, caplog):
+    storage = open_storage()
+    broken = _UnreadableBody("http://example.com/broken", body=b"<html></html>")
+    with caplog.at_level(logging.ERROR, logger="scrapy_polite.httpcache"):
+        storage.store(broken)  # Scrapy would not catch an exception from here
+        storage.store(broken)
+    assert storage.stat("store_error") == 2
+    assert len(caplog.records) == 1  # one error with its traceback, then only counted
+    storage.store(_html())
+    assert storage.retrieve("http://example.com/page") is not None
+
+
 def test_compression_is_skipped_where_it_is_not_worth_it():
     def encoding(response: Response) -> str:
         data = encode_entry(response, stored_at=0)
