@@ -156,7 +156,7 @@ def test_shared_namespace_and_prefix_settings_let_spiders_share_entries(open_sto
     assert beta.retrieve("http://example.com/page") is not None
 
 
-def test_entry_is_magic_line_json_line_and_zlib_body_never_pickle(open_storage, redis_server):
+def test_entry_is_a_magic_line_a_json_line_and_the_zlib_body(open_storage, redis_server):
     storage = open_storage()
     original = _html()
     storage.store(original)
