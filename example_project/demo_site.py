@@ -2,6 +2,8 @@
 
 Serves 127.0.0.2 to 127.0.0.5 on one port (default 8350), until interrupted.
 127.0.0.5 is the "slow" host that the demo settings give a longer delay.
+Every host answers ``/_demo/hits`` with the number of requests the site has
+received (that one excepted), so demo.sh can show what a cached run costs it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.site import Site
+from tests.site import Hit, Reply, Site
 
 DEMO_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+HITS_PATH = "/_demo/hits"
 
 
 def build(port: int) -> Site:
@@ -27,12 +30,24 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8350)
     args = parser.parse_args()
     with build(args.port) as site:
+        add_hit_counter(site)
         print("demo site:", ",".join(site.url(h, "") for h in site.hosts), flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+
+
+def add_hit_counter(site: Site) -> None:
+    """Serve ``/_demo/hits``: how many requests the site has received."""
+
+    def hits(hit: Hit) -> Reply:
+        count = sum(1 for h in site.hits() if h.path != HITS_PATH)
+        return Reply(200, f"{count}\n", [("Content-Type", "text/plain")])
+
+    for host in site.hosts:
+        site.route(host, HITS_PATH, hits)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,599 @@
+"""The Redis HTTP cache storage: its contract, real crawls through it, outages, the tool."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from scrapy import Spider
+from scrapy.http import HtmlResponse, Request, Response, TextResponse
+from scrapy.utils.test import get_crawler
+
+from scrapy_polite import PoliteSettingError
+from scrapy_polite.httpcache import (
+    MAGIC,
+    CacheEntryError,
+    RedisCacheStorage,
+    cache_usage,
+    decode_entry,
+    encode_entry,
+)
+from tests.crawl import ROOT, crawl
+from tests.redis_server import RedisServer, _free_port
+from tests.site import Hit, Reply, Site, page_body
+
+ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}, "POLITE_DELAY": 0}
+PAGES_SPIDER = "tests.spiders.PagesSpider"
+FINGERPRINT_HEX = 40
+
+
+# -- the storage, called directly ------------------------------------------------------
+class _Storage:
+    """A storage opened for a spider of a real crawler, as HttpCacheMiddleware opens it."""
+
+    def __init__(self, url: str, name: str = "alpha", **settings) -> None:
+        self.crawler = get_crawler(
+            Spider,
+            {
+                "POLITE_HTTPCACHE_REDIS_URL": url,
+                "REQUEST_FINGERPRINTER_IMPLEMENTATION": "2.7",
+                **settings,
+            },
+        )
+        self.spider = Spider.from_crawler(self.crawler, name=name)
+        self.storage = RedisCacheStorage(self.crawler.settings)
+        self.storage.open_spider(self.spider)
+
+    def store(self, response: Response, url: str | None = None) -> None:
+        self.storage.store_response(self.spider, Request(url or response.url), response)
+
+    def retrieve(self, url: str) -> Response | None:
+        return self.storage.retrieve_response(self.spider, Request(url))
+
+    def close(self) -> None:
+        self.storage.close_spider(self.spider)
+
+    def stat(self, name: str) -> int:
+        return self.crawler.stats.get_value(f"polite/httpcache/{name}", 0)
+
+
+@pytest.fixture
+def open_storage(redis_server):
+    """Open storages on the test Redis; all are closed (their batches written) at the end."""
+    opened: list[_Storage] = []
+
+    def open_(name: str = "alpha", **settings) -> _Storage:
+        storage = _Storage(settings.pop("url", redis_server.url), name, **settings)
+        opened.append(storage)
+        return storage
+
+    yield open_
+    for storage in opened:
+        storage.close()
+
+
+def _html(url: str = "http://example.com/page", body: bytes | None = None, **kw) -> HtmlResponse:
+    return HtmlResponse(
+        url,
+        body=page_body("example.com", 1) if body is None else body,
+        headers=kw.pop("headers", [("Content-Type", "text/html; charset=utf-8")]),
+        **kw,
+    )
+
+
+def _only_key(redis_server: RedisServer) -> bytes:
+    keys = redis_server.client().keys("*")
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def test_round_trip_keeps_status_url_repeated_headers_body_and_class(open_storage, redis_server):
+    body = b"<html><title>caf\xc3\xa9</title>" + b"\x00\xff binary" * 100 + b"</html>"
+    original = _html(
+        "http://example.com/a?b=1",
+        body,
+        status=203,
+        headers=[
+            ("Content-Type", "text/html; charset=utf-8"),
+            ("Set-Cookie", "a=1; Path=/"),
+            ("Set-Cookie", "b=2"),
+            (b"X-Raw", b"\xe9t\xe9 \xff"),  # not UTF-8: kept byte for byte
+        ],
+        protocol="HTTP/1.1",
+    )
+    writer = open_storage()
+    writer.store(original)
+    writer.close()  # written to Redis, not only waiting in the batch
+
+    reader = open_storage()
+    cached = reader.retrieve("http://example.com/a?b=1")
+    assert cached is not None
+    assert type(cached) is HtmlResponse
+    assert (cached.status, cached.url, cached.body) == (203, original.url, body)
+    assert cached.headers.getlist("Set-Cookie") == [b"a=1; Path=/", b"b=2"]
+    assert cached.headers["X-Raw"] == b"\xe9t\xe9 \xff"
+    assert cached.headers == original.headers
+    assert cached.protocol == "HTTP/1.1"
+    assert cached.text == original.text
+    assert reader.stat("hit") == 1
+    assert reader.retrieve("http://example.com/other") is None
+    assert reader.stat("miss") == 1
+
+
+def test_key_is_prefix_spider_name_and_fingerprint_and_namespaces_are_separate(
+    open_storage, redis_server
+):
+    alpha = open_storage("alpha")
+    beta = open_storage("beta")
+    alpha.store(_html())
+    alpha.close()
+    key = _only_key(redis_server).decode()
+    prefix, _, fingerprint = key.rpartition(":")
+    assert prefix == "polite:httpcache:alpha"
+    assert len(fingerprint) == FINGERPRINT_HEX
+    assert int(fingerprint, 16) >= 0
+    assert beta.retrieve("http://example.com/page") is None
+    assert open_storage("alpha").retrieve("http://example.com/page") is not None
+
+
+def test_shared_namespace_and_prefix_settings_let_spiders_share_entries(open_storage, redis_server):
+    settings = {"POLITE_HTTPCACHE_NAMESPACE": "shared", "POLITE_HTTPCACHE_PREFIX": "team:cache"}
+    alpha = open_storage("alpha", **settings)
+    alpha.store(_html())
+    alpha.close()
+    assert _only_key(redis_server).startswith(b"team:cache:shared:")
+    beta = open_storage("beta", **settings)
+    assert beta.retrieve("http://example.com/page") is not None
+
+
+def test_entry_is_a_magic_line_a_json_line_and_the_zlib_body(open_storage, redis_server):
+    storage = open_storage()
+    original = _html()
+    storage.store(original)
+    storage.close()
+    data = redis_server.client().get(_only_key(redis_server))
+    assert data.startswith(MAGIC)
+    json_line, _, payload = data[len(MAGIC) :].partition(b"\n")
+    header = json.loads(json_line)
+    assert header["status"] == 200
+    assert header["url"] == original.url
+    assert header["body"] == "zlib"
+    assert zlib.decompress(payload) == original.body
+    assert not data.startswith(b"\x80")  # the pickle protocol opcode
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pickled_payload_planted_in_redis_is_a_miss_and_is_never_run(
+    open_storage, redis_server, tmp_path
+):
+    storage = open_storage()
+    storage.store(_html())
+    storage.close()
+    key = _only_key(redis_server)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_RunsCodeWhenUnpickled(marker))
+    redis_server.client().set(key, payload)
+    with pytest.raises(CacheEntryError):
+        decode_entry(payload)
+    # Also behind our magic line, where a careless reader might unpickle "the rest".
+    redis_server.client().set(key, MAGIC + payload)
+    assert storage.retrieve("http://example.com/page") is None
+    assert not marker.exists()
+    assert storage.stat("decode_error") == 1
+    assert storage.stat("hit") == 0
+
+
+def test_corrupted_entries_are_misses_counted_with_one_warning(open_storage, redis_server, caplog):
+    storage = open_storage()
+    good = encode_entry(_html(), stored_at=time.time())
+    json_line, _, payload = good[len(MAGIC) :].partition(b"\n")
+    header = json.loads(json_line)
+    bomb = zlib.compress(b"x" * 10_000_000)
+    corrupt = {
+        "garbage": b"\x00\x01 not an entry",
+        "no json line end": MAGIC + json_line,
+        "bad json": MAGIC + b"{not json}\n" + payload,
+        "wrong type": MAGIC + json.dumps({**header, "status": "200"}).encode() + b"\n" + payload,
+        "missing field": MAGIC + json.dumps({"status": 200}).encode() + b"\n" + payload,
+        "truncated zlib": MAGIC + json_line + b"\n" + payload[: len(payload) // 2],
+        "size mismatch": MAGIC + json.dumps({**header, "size": 5}).encode() + b"\n" + payload,
+        "zlib bomb": MAGIC + json.dumps({**header, "size": 100}).encode() + b"\n" + bomb,
+        "unknown encoding": MAGIC + json.dumps({**header, "body": "br"}).encode() + b"\n",
+    }
+    client = redis_server.client()
+    for name, data in corrupt.items():
+        client.set(storage.storage._key(Request(f"http://example.com/{name}")), data)
+    client.hset(storage.storage._key(Request("http://example.com/hash")), "a", "b")
+    with caplog.at_level(logging.DEBUG, logger="scrapy_polite.httpcache"):
+        for name in [*corrupt, "hash"]:
+            assert storage.retrieve(f"http://example.com/{name}") is None, name
+    assert storage.stat("decode_error") == len(corrupt) + 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    # A good entry at a key that held garbage is read again.
+    storage.store(_html(), "http://example.com/garbage")
+    assert storage.retrieve("http://example.com/garbage") is not None
+
+
+def test_expiration_sets_a_ttl_and_checks_the_stored_time(open_storage, redis_server):
+    storage = open_storage(HTTPCACHE_EXPIRATION_SECS=30)
+    storage.store(_html())
+    storage.close()
+    client = redis_server.client()
+    assert 0 < client.ttl(_only_key(redis_server)) <= 30
+    # An entry older than the expiration is a miss even if Redis still holds it.
+    old = encode_entry(_html(), stored_at=time.time() - 31)
+    client.set(_only_key(redis_server), old)
+    assert storage.retrieve("http://example.com/page") is None
+    assert storage.stat("expired") == 1
+
+
+def test_zero_expiration_means_no_ttl_at_all(open_storage, redis_server):
+    storage = open_storage(HTTPCACHE_EXPIRATION_SECS=0)
+    storage.store(_html())
+    storage.close()
+    assert redis_server.client().ttl(_only_key(redis_server)) == -1
+
+
+def test_batched_stores_are_read_back_before_they_reach_redis(open_storage, redis_server):
+    storage = open_storage(POLITE_HTTPCACHE_WRITE_BATCH=3, POLITE_HTTPCACHE_WRITE_DELAY=60)
+    storage.store(_html("http://example.com/1"))
+    storage.store(_html("http://example.com/2"))
+    assert redis_server.client().dbsize() == 0
+    assert storage.retrieve("http://example.com/1") is not None
+    storage.store(_html("http://example.com/3"))  # the third fills the batch
+    assert redis_server.client().dbsize() == 3
+    assert storage.stat("store") == 3
+
+
+def test_bodies_over_the_size_limit_are_not_stored(open_storage):
+    writer = open_storage(POLITE_HTTPCACHE_MAX_BODY_SIZE=1000)
+    writer.store(_html("http://example.com/big", body=b"x" * 1001))
+    writer.store(_html("http://example.com/small", body=b"x" * 1000))
+    writer.close()
+    assert writer.stat("too_large") == 1
+    reader = open_storage()
+    assert reader.retrieve("http://example.com/big") is None
+    assert reader.retrieve("http://example.com/small") is not None
+
+
+class _UnreadableBody(HtmlResponse):
+    @property
+    def body(self) -> bytes:
+        raise RuntimeError("unreadable body")
+
+
+def test_a_response_that_cannot_be_stored_is_counted_and_nothing_escapes(open_storage, caplog):
+    storage = open_storage()
+    broken = _UnreadableBody("http://example.com/broken", body=b"<html></html>")
+    with caplog.at_level(logging.ERROR, logger="scrapy_polite.httpcache"):
+        storage.store(broken)  # Scrapy would not catch an exception from here
+        storage.store(broken)
+    assert storage.stat("store_error") == 2
+    assert len(caplog.records) == 1  # one error with its traceback, then only counted
+    storage.store(_html())
+    assert storage.retrieve("http://example.com/page") is not None
+
+
+def test_compression_is_skipped_where_it_is_not_worth_it():
+    def encoding(response: Response) -> str:
+        data = encode_entry(response, stored_at=0)
+        entry = decode_entry(data)
+        assert entry.body == response.body
+        return json.loads(data[len(MAGIC) :].partition(b"\n")[0])["body"]
+
+    text = page_body("example.com", 2)
+    assert encoding(_html(body=text)) == "zlib"
+    assert encoding(_html(body=text[:100])) == "raw"  # tiny
+    assert encoding(_html(body=os.urandom(4000))) == "raw"  # incompressible
+    gzipped = _html(body=text, headers=[("Content-Encoding", "gzip")])
+    assert encoding(gzipped) == "raw"  # already compressed by the site
+    image = Response("http://example.com/i.png", body=text, headers={"Content-Type": "image/png"})
+    assert encoding(image) == "raw"
+    level0 = encode_entry(_html(body=text), stored_at=0, compression_level=0)
+    assert b'"body":"raw"' in level0
+
+
+def test_text_response_class_is_kept_and_unknown_class_is_guessed():
+    plain = TextResponse("http://example.com/t.txt", body=b"hello " * 100, encoding="utf-8")
+    assert type(decode_entry(encode_entry(plain, stored_at=0)).response()) is TextResponse
+    data = encode_entry(_html(), stored_at=0).replace(b'"class":"html"', b'"class":"os.system"')
+    assert type(decode_entry(data).response()) is HtmlResponse
+
+
+def test_no_redis_url_fails_at_start_up_naming_the_settings():
+    settings = get_crawler(Spider, {}).settings
+    with pytest.raises(PoliteSettingError, match=r"POLITE_HTTPCACHE_REDIS_URL.*REDIS_URL"):
+        RedisCacheStorage(settings)
+
+
+def test_bad_setting_fails_at_start_up(redis_server):
+    settings = get_crawler(
+        Spider,
+        {"POLITE_HTTPCACHE_REDIS_URL": redis_server.url, "POLITE_HTTPCACHE_WRITE_BATCH": 0},
+    ).settings
+    with pytest.raises(PoliteSettingError, match="POLITE_HTTPCACHE_WRITE_BATCH"):
+        RedisCacheStorage(settings)
+
+
+def test_a_redis_restart_between_two_reads_is_not_an_outage(open_storage, redis_server, caplog):
+    storage = open_storage()
+    storage.store(_html())
+    storage.close()
+    assert storage.retrieve("http://example.com/page") is not None  # the connection is kept
+    redis_server.stop()
+    redis_server.start()  # empty again: the test server keeps nothing on disk
+    with caplog.at_level(logging.WARNING, logger="scrapy_polite.httpcache"):
+        assert storage.retrieve("http://example.com/page") is None
+    assert caplog.records == []
+    assert storage.stat("redis_error") == 0
+    assert storage.stat("miss") == 1
+
+
+def test_redis_down_means_misses_skipped_stores_one_warning_and_no_password(open_storage, caplog):
+    url = f"redis://user:s3cret@127.0.0.1:{_free_port()}/0"
+    with caplog.at_level(logging.INFO, logger="scrapy_polite.httpcache"):
+        storage = open_storage(url=url)
+        for i in range(20):
+            assert storage.retrieve(f"http://example.com/{i}") is None
+            storage.store(_html(f"http://example.com/{i}"))
+        storage.close()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 1, messages
+    assert "user:***@127.0.0.1" in messages[0]
+    assert "s3cret" not in caplog.text
+    assert storage.stat("outage") == 1
+    assert storage.stat("redis_error") == 1  # then left alone for the retry interval
+    assert storage.stat("skipped/retrieve") == 20
+    assert storage.stat("skipped/store") == 20
+
+
+# -- real crawls ---------------------------------------------------------------------------
+def _cache_settings(redis_server: RedisServer, **extra) -> dict:
+    return {
+        **ADDON,
+        "HTTPCACHE_ENABLED": True,
+        "POLITE_HTTPCACHE_REDIS_URL": redis_server.url,
+        **extra,
+    }
+
+
+def _by_url(items: list[dict]) -> list[dict]:
+    return sorted(items, key=lambda item: item["url"])
+
+
+def _cached_urls(redis_server: RedisServer) -> set[str]:
+    client = redis_server.client()
+    return {decode_entry(client.get(key)).url for key in client.scan_iter("polite:httpcache:*")}
+
+
+@pytest.mark.parametrize("reactor", ["asyncio", "epoll"])
+def test_second_crawl_sends_no_request_and_yields_the_same_items(site, redis_server, reactor):
+    hosts = site.hosts[:4]
+    urls = [site.url(host, "/?n=8") for host in hosts] + [site.url(hosts[0], "/missing")]
+    args = {"urls": json.dumps(urls), "follow": True}
+    # 404s are not cached (HTTPCACHE_IGNORE_HTTP_CODES), and the second run asks
+    # for nothing that is not in the cache (HTTPCACHE_IGNORE_MISSING).
+    first = crawl(
+        PAGES_SPIDER,
+        _cache_settings(redis_server, HTTPCACHE_IGNORE_HTTP_CODES=[404]),
+        args=args,
+        reactor=reactor,
+    )
+    assert len(first.items) == 4 * 9
+    assert len(site.hits()) == 4 * 9 + 1
+    assert first.stat("polite/httpcache/store") == 4 * 9
+    assert first.stat("polite/httpcache/miss") == 4 * 9 + 1
+    assert redis_server.client().dbsize() == 4 * 9
+    site.reset()
+
+    second = crawl(
+        PAGES_SPIDER,
+        _cache_settings(redis_server, HTTPCACHE_IGNORE_MISSING=True),
+        args=args,
+        reactor=reactor,
+    )
+    assert site.hits() == []
+    assert _by_url(second.items) == _by_url(first.items)
+    assert second.stat("httpcache/hit") == 4 * 9
+    assert second.stat("polite/httpcache/hit") == 4 * 9
+    assert second.stat("httpcache/ignore") == 1
+    assert second.stat("polite/httpcache/store") == 0
+
+
+def _etag_page(site: Site, host: str, body: bytes):
+    headers = [("Content-Type", "text/html"), ("Cache-Control", "max-age=1"), ("ETag", '"v1"')]
+
+    def handler(hit: Hit) -> Reply:
+        if hit.headers.get("if-none-match") == '"v1"':
+            return Reply(304, b"", headers[1:])
+        return Reply(200, body, headers)
+
+    site.route(host, "/etag", handler)
+    return site.url(host, "/etag")
+
+
+def test_rfc2616_policy_revalidates_an_expired_entry_and_a_304_serves_the_cached_body(
+    site, redis_server
+):
+    host = site.hosts[0]
+    body = page_body(host, 7)
+    url = _etag_page(site, host, body)
+    settings = _cache_settings(
+        redis_server, HTTPCACHE_POLICY="scrapy.extensions.httpcache.RFC2616Policy"
+    )
+    first = crawl(PAGES_SPIDER, settings, args={"urls": json.dumps([url])})
+    assert [h.headers.get("if-none-match") for h in site.hits()] == [None]
+    assert first.items[0]["length"] == len(body)
+    time.sleep(1.1)  # max-age=1 is over
+
+    second = crawl(PAGES_SPIDER, settings, args={"urls": json.dumps([url])})
+    assert [h.headers.get("if-none-match") for h in site.hits()] == [None, '"v1"']
+    assert second.stat("httpcache/revalidate") == 1
+    assert second.items == first.items  # the full body, from the cache, after the 304
+    assert second.items[0]["length"] == len(body)
+    assert second.stat("polite/httpcache/store") == 1  # the refreshed entry
+
+
+def _restart_later(redis_server: RedisServer, after: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(after), redis_server.start()))
+    thread.start()
+    return thread
+
+
+def test_redis_stopped_mid_crawl_and_started_again_loses_no_page_and_cache_resumes(
+    site, redis_server
+):
+    host = site.hosts[0]
+    count = 50
+    urls = [site.url(host, f"/p/{i}") for i in range(count)]
+    restarts: list[threading.Thread] = []
+
+    def stop_redis_once(hit: Hit) -> Reply:
+        if not restarts:
+            redis_server.stop()  # before the answer: this page's store fails
+            restarts.append(_restart_later(redis_server, 1.0))
+        return Reply(200, page_body(host, 10), [("Content-Type", "text/html")])
+
+    site.route(host, "/p/10", stop_redis_once)
+    result = crawl(
+        PAGES_SPIDER,
+        _cache_settings(
+            redis_server,
+            POLITE_DELAY=0.08,
+            CONCURRENT_REQUESTS_PER_DOMAIN=1,
+            POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
+        ),
+        args={"urls": json.dumps(urls)},
+    )
+    restarts[0].join()
+    assert sorted(item["url"] for item in result.items) == sorted(urls)
+    assert result.stat("polite/httpcache/outage") == 1
+    assert result.stat("polite/httpcache/redis_error") >= 1
+    assert result.log.count("is unavailable") == 1
+    assert "answers again" in result.log
+    # The restarted Redis is empty (the test server keeps nothing on disk): what
+    # it holds was stored after the restart, so the cache resumed.
+    cached = _cached_urls(redis_server)
+    assert urls[-1] in cached
+    assert urls[10] not in cached  # its store failed
+    assert result.stat("polite/httpcache/store") > len(cached)  # some went before the outage
+
+
+def test_redis_down_at_start_the_crawl_runs_without_cache_and_uses_it_once_up(site, redis_server):
+    host = site.hosts[0]
+    count = 30
+    urls = [site.url(host, f"/p/{i}") for i in range(count)]
+    redis_server.stop()
+    restarts: list[threading.Thread] = []
+
+    def start_redis(hit: Hit) -> Reply:
+        restarts.append(_restart_later(redis_server, 0))
+        return Reply(200, page_body(host, 5), [("Content-Type", "text/html")])
+
+    site.route(host, "/p/5", start_redis)
+    result = crawl(
+        PAGES_SPIDER,
+        _cache_settings(
+            redis_server,
+            POLITE_DELAY=0.08,
+            CONCURRENT_REQUESTS_PER_DOMAIN=1,
+            POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
+        ),
+        args={"urls": json.dumps(urls)},
+    )
+    restarts[0].join()
+    assert len(result.items) == count
+    assert result.log.count("is unavailable") == 1
+    assert result.stat("polite/httpcache/skipped/retrieve") >= 1
+    cached = _cached_urls(redis_server)
+    assert urls[0] not in cached
+    assert urls[-1] in cached
+
+
+# -- the inspect/clear tool ------------------------------------------------------------------
+def _polite_cache(
+    tmp_path: Path, redis_server: RedisServer, *args: str
+) -> subprocess.CompletedProcess:
+    """``scrapy polite-cache ...`` with the entry point declared in setup.cfg."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    dist = tmp_path / "polite_cache_entry_point-0.dist-info"
+    if not dist.exists():
+        dist.mkdir()
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: polite-cache-entry-point\nVersion: 0\n"
+        )
+        entry_points = config["options.entry_points"]["scrapy.commands"]
+        (dist / "entry_points.txt").write_text(f"[scrapy.commands]\n{entry_points.strip()}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env.pop("SCRAPY_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scrapy",
+            "polite-cache",
+            *args,
+            "-s",
+            f"POLITE_REDIS_URL={redis_server.url}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_tool_shows_entries_and_bytes_per_namespace_and_clears_one(
+    open_storage, redis_server, tmp_path
+):
+    for name, count in (("alpha", 3), ("beta", 2)):
+        storage = open_storage(name)
+        for i in range(count):
+            storage.store(_html(f"http://example.com/{i}"))
+        storage.close()
+    client = redis_server.client()
+    client.set("unrelated:key", "x")
+    usage = cache_usage(client)
+    alpha_bytes = sum(client.strlen(k) for k in client.keys("polite:httpcache:alpha:*"))
+    assert (usage["alpha"].entries, usage["alpha"].bytes) == (3, alpha_bytes)
+    assert usage["beta"].entries == 2
+
+    stats = _polite_cache(tmp_path, redis_server, "stats")
+    assert stats.returncode == 0, stats.stderr
+    lines = {line.split()[0]: line.split()[1:] for line in stats.stdout.splitlines()[2:]}
+    assert lines["alpha"] == ["3", str(alpha_bytes)]
+    assert lines["beta"][0] == "2"
+    assert lines["(total)"][0] == "5"
+
+    refused = _polite_cache(tmp_path, redis_server, "clear")
+    assert refused.returncode == 2
+    assert "--namespace" in refused.stderr
+    assert client.dbsize() == 6
+
+    cleared = _polite_cache(tmp_path, redis_server, "clear", "--namespace", "alpha")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "alpha: 3 entries deleted" in cleared.stdout
+    assert client.keys("polite:httpcache:alpha:*") == []
+    assert len(client.keys("polite:httpcache:beta:*")) == 2
+    assert client.get("unrelated:key") == b"x"
