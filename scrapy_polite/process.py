@@ -54,7 +54,6 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from scrapy_polite._settings import PoliteSettingError, get_choice, get_int
 
 if TYPE_CHECKING:
-
     from scrapy import Spider
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from scrapy_polite._settings import PoliteSettingError, get_float
 
@@ -51,8 +53,8 @@ def redis_from_settings(settings: BaseSettings, url: str) -> redis.Redis:
     """Build a client for *url* with the timeouts and parameters from *settings*.
 
     ``REDIS_PARAMS`` (scrapy-redis's setting) is passed through, except that
-    the socket timeouts come from ``POLITE_REDIS_TIMEOUT`` so that no call can
-    block the reactor for long.
+    the socket timeouts come from ``POLITE_REDIS_TIMEOUT`` and retries are off,
+    so that no call can block the reactor for long.
     """
     timeout = get_float(settings, "POLITE_REDIS_TIMEOUT", 0.5, minimum=0.001, maximum=60)
     params: dict[str, Any] = {
@@ -61,6 +63,9 @@ def redis_from_settings(settings: BaseSettings, url: str) -> redis.Redis:
     params.update(
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
+        # No retries: redis-py's default retries back off with time.sleep, which
+        # would freeze the reactor; each component decides when to try again.
+        retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 import redis
 from scrapy.settings import Settings
@@ -72,3 +75,31 @@ def test_a_stopped_redis_is_a_connection_error_not_a_hang(redis_server: RedisSer
 def test_an_invalid_timeout_is_rejected_with_its_name():
     with pytest.raises(PoliteSettingError, match="POLITE_REDIS_TIMEOUT"):
         redis_from_settings(Settings({"POLITE_REDIS_TIMEOUT": 0}), "redis://127.0.0.1:1/0")
+
+
+def test_clients_never_retry_so_a_failing_call_cannot_sleep_on_the_reactor():
+    # A server that accepts connections and hangs up at once: each try is one accept.
+    # REDIS_PARAMS asks for retries on connection errors; redis-py would sleep between them.
+    accepted = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.5)
+
+        def hang_up() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                accepted.append(connection)
+                connection.close()
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        settings = Settings({"REDIS_PARAMS": {"retry_on_error": [redis.ConnectionError]}})
+        client = redis_from_settings(settings, f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        thread.join()
+    assert len(accepted) == 1
