@@ -22,5 +22,5 @@ sites="http://127.0.0.2:$port,http://127.0.0.3:$port,http://127.0.0.4:$port,http
 cd example_project
 echo "== demo crawl of $sites"
 ../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items.jsonl" 2>&1 \
-  | grep -E "scrapy-polite|item_scraped_count|polite/|finish_reason|elapsed_time" || true
+  | grep -E "scrapy-polite|scrapy_polite.robots|item_scraped_count|polite/|finish_reason|elapsed_time" || true
 echo "== $(wc -l <"$work/items.jsonl") items in $work/items.jsonl"

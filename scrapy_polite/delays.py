@@ -246,10 +246,6 @@ class PoliteSlot(Slot):
         hold = self._state.hold_until - self.lastseen
         return max(self._gap, hold)
 
-    def redraw(self) -> None:
-        """Draw the next gap again (its domain's floor has just risen)."""
-        self._drawn_for = -1.0
-
     def _draw(self) -> float:
         state = self._state
         floor = state.floor()
@@ -397,10 +393,9 @@ class PoliteDelayMiddleware:
             )
             seconds = self.config.cap
         state.crawl_delay = seconds
-        # The gap after the robots.txt request was drawn when it left, under the old floor.
-        slot = self.crawler.engine.downloader.slots.get(state.key)
-        if isinstance(slot, PoliteSlot):
-            slot.redraw()
+        # The gap after the robots.txt request was drawn when it left, under the old
+        # floor: hold the domain for the new floor from the moment it is known.
+        state.hold_until = max(state.hold_until, monotonic() + seconds)
         assert self.crawler.stats is not None
         self.crawler.stats.set_value(f"polite/delay/crawl_delay/{state.key}", seconds)
         logger.info("%s: Crawl-delay %.2f s is now its delay floor", state.key, seconds)

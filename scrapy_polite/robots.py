@@ -444,7 +444,8 @@ class PoliteRobotsTxtMiddleware:
         now = monotonic()
         if origin.unreachable_since is not None:
             logger.info(
-                "robots.txt of %s answered (%s) after %.1f s unreachable; releasing %d requests",
+                "robots.txt of %s answered (%s) after %.1f s unreachable; "
+                "releasing %d waiting request(s)",
                 origin.key,
                 outcome.detail,
                 now - origin.unreachable_since,
@@ -731,15 +732,19 @@ class _SharedCache:
         pipe.get(key)
         pipe.pttl(key)
         pipe.pttl(key + ":down")
-        raw, ttl_ms, down_ms = pipe.execute()
+        pipe.get(key + ":down")
+        raw, ttl_ms, down_ms, down = pipe.execute()
         if raw is not None:
             entry = _read_entry(origin, raw)
             if entry is not None:
                 ttl = ttl_ms / 1000 if ttl_ms > 0 else self.config.expiry
                 kind, detail, body = entry
                 return _Outcome(kind, f"{detail}, from Redis", body, ttl=ttl)
-        if down_ms > 0:
-            return _Outcome("unreachable", "unreachable, from Redis", retry_in=down_ms / 1000)
+        if down is not None and down_ms > 0:
+            reason = _read_down(down)
+            return _Outcome(
+                "unreachable", f"{reason}, seen by another crawler", retry_in=down_ms / 1000
+            )
         return None
 
 
@@ -757,6 +762,13 @@ def _read_entry(origin: str, raw: bytes) -> tuple[Literal["rules", "unavailable"
     except (ValueError, TypeError, KeyError) as exc:
         logger.warning("Ignoring an unreadable robots.txt entry for %s in Redis: %s", origin, exc)
         return None
+
+
+def _read_down(raw: bytes) -> str:
+    try:
+        return str(json.loads(raw)["reason"])
+    except (ValueError, TypeError, KeyError):
+        return "unreachable"
 
 
 def _origin_key(request: Request) -> str | None:
