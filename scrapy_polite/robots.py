@@ -16,15 +16,19 @@ on the answer as RFC 9309 says:
   answer do they fail with ``IgnoreRequest``. An unreachable result is never
   cached as if it were a file.
 
-Results expire after ``POLITE_ROBOTS_EXPIRY`` seconds. With a Redis URL they
+Results expire after ``POLITE_ROBOTS_EXPIRY`` seconds. The next request then
+starts a new fetch and goes on under the old copy meanwhile; if that fetch finds
+robots.txt unreachable, the old copy stays in force (RFC 9309 section 2.4) and
+the next request after the back-off tries again. With a Redis URL results
 are shared: the first crawler process to need an origin takes a short lock and
 fetches; the others poll Redis for the result, so N processes fetch each
 robots.txt once per expiry period.
 
-Waiting requests are kept out of the downloader: a request of an origin whose
-robots.txt is not known yet is held at scheduling time (the engine's
-``request_scheduled`` signal) and scheduled again once the answer is in, so it
-does not occupy one of ``CONCURRENT_REQUESTS`` while it waits. Only requests
+Waiting requests are kept out of the downloader: while an origin's first
+robots.txt is being fetched (or is unreachable), its requests are held at
+scheduling time (the engine's ``request_scheduled`` signal; one already in the
+downloader is sent back to the scheduler) and scheduled again once the answer
+is in, so none occupies one of ``CONCURRENT_REQUESTS`` while it waits. Only requests
 that reach the downloader without passing the scheduler (``engine.download``
 calls, requests read back from a disk or Redis queue) wait inside
 ``process_request``.
@@ -289,6 +293,7 @@ class _Origin:
 
     key: str
     rules: RobotsRules | None = None  # RobotsRules(""), i.e. allow all, when unavailable
+    loaded_at: float = 0.0
     expires_at: float = 0.0
     fetching: bool = False
     unreachable_since: float | None = None
@@ -307,8 +312,10 @@ class _Origin:
         """Its robots.txt is being fetched, or tried again after a failure."""
         return self.fetching or self.unreachable_since is not None
 
-    def ready(self, now: float) -> bool:
-        return self.rules is not None and now < self.expires_at and not self.busy
+    @property
+    def waiting(self) -> bool:
+        """Its requests must wait: it has no rules yet and a fetch is under way."""
+        return self.rules is None and self.busy
 
 
 class PoliteRobotsTxtMiddleware:
@@ -353,7 +360,9 @@ class PoliteRobotsTxtMiddleware:
         origin = self._origin(key)
         while True:
             now = monotonic()
-            if origin.ready(now):
+            if origin.rules is not None:
+                if now >= origin.expires_at and not origin.busy:
+                    self._start(origin, request)  # the last copy serves until the new one
                 self._stats.inc_value("polite/robots/cache_hit/memory")
                 self._check(origin, request)
                 return None
@@ -395,7 +404,7 @@ class PoliteRobotsTxtMiddleware:
         if key is None:
             return
         origin = self._origins.get(key)
-        if origin is not None and origin.busy and not self._closing:
+        if origin is not None and origin.waiting and not self._closing:
             origin.held.append(request)
             self._stats.inc_value("polite/robots/held")
             raise IgnoreRequest(f"held until {key}/robots.txt is known")
@@ -452,6 +461,7 @@ class PoliteRobotsTxtMiddleware:
                 len(origin.held) + len(origin.waiters),
             )
         origin.rules = rules
+        origin.loaded_at = now
         origin.expires_at = now + (outcome.ttl if outcome.ttl is not None else self.config.expiry)
         origin.unreachable_since = None
         origin.attempts = 0
@@ -478,6 +488,9 @@ class PoliteRobotsTxtMiddleware:
         now = monotonic()
         origin.reason = outcome.detail
         origin.attempts += 1
+        if origin.rules is not None:
+            self._refresh_failed(origin, outcome, now)
+            return
         if origin.unreachable_since is None:
             origin.unreachable_since = now
             self._stats.inc_value("polite/robots/unreachable")
@@ -499,6 +512,26 @@ class PoliteRobotsTxtMiddleware:
             delay,
         )
         origin.timer = _call_later(delay, self._retry, origin)
+
+    def _refresh_failed(self, origin: _Origin, outcome: _Outcome, now: float) -> None:
+        """RFC 9309 lets a crawler keep its copy while robots.txt is unreachable:
+        the last rules stay, and the next request after a back-off tries again."""
+        delay = (
+            outcome.retry_in
+            if outcome.retry_in is not None
+            else self.config.backoff(origin.attempts)
+        )
+        origin.expires_at = now + delay
+        if origin.attempts == 1:
+            self._stats.inc_value("polite/robots/unreachable")
+        (logger.warning if origin.attempts == 1 else logger.info)(
+            "robots.txt of %s is unreachable (%s): obeying the copy from %.0f s ago; "
+            "next try in %.1f s",
+            origin.key,
+            outcome.detail,
+            now - origin.loaded_at,
+            delay,
+        )
 
     def _retry(self, origin: _Origin) -> None:
         origin.timer = None
@@ -642,7 +675,7 @@ class PoliteRobotsTxtMiddleware:
     # -- life cycle ---------------------------------------------------------------------
     def _keep_open(self, spider: Spider | None = None) -> None:
         """``spider_idle``: the spider has requests held here, or fetches running."""
-        if any(o.held or o.fetching or o.timer for o in self._origins.values()):
+        if any(o.held or o.fetching for o in self._origins.values()):
             raise DontCloseSpider
 
     def _close(self, spider: Spider | None = None) -> None:
