@@ -39,7 +39,7 @@ for _ in range(100):
 sleep 1
 
 sites="http://127.0.0.2:$port,http://127.0.0.3:$port,http://127.0.0.4:$port,http://127.0.0.5:$port"
-cache=(-s HTTPCACHE_ENABLED=True -s "POLITE_HTTPCACHE_REDIS_URL=$DEMO_REDIS_URL")
+cache=(-s HTTPCACHE_ENABLED=True -s "POLITE_REDIS_URL=$DEMO_REDIS_URL")
 site_hits() {
   ../.venv/bin/python -c 'import sys, urllib.request
 print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())' \
@@ -47,7 +47,7 @@ print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())' 
 }
 crawl() {  # crawl RUN: the demo crawl, its items in $work/items-RUN.jsonl
   ../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items-$1.jsonl" "${cache[@]}" 2>&1 \
-    | grep -E "scrapy-polite|item_scraped_count|polite/|httpcache/|finish_reason|elapsed_time" || true
+    | grep -E "scrapy-polite|scrapy_polite.robots|item_scraped_count|polite/|httpcache/|finish_reason|elapsed_time" || true
 }
 
 cd example_project

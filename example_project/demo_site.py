@@ -4,6 +4,11 @@ Serves 127.0.0.2 to 127.0.0.5 on one port (default 8350), until interrupted.
 127.0.0.5 is the "slow" host that the demo settings give a longer delay.
 Every host answers ``/_demo/hits`` with the number of requests the site has
 received (that one excepted), so demo.sh can show what a cached run costs it.
+
+robots.txt: 127.0.0.2 disallows /p/1 (so /p/1, /p/10 and /p/11 are never
+fetched); 127.0.0.3 asks for a Crawl-delay of 1 s; 127.0.0.4's robots.txt
+answers 500 twice before it recovers, so its pages wait and are crawled late;
+127.0.0.5 has none (404: everything allowed).
 """
 
 from __future__ import annotations
@@ -22,7 +27,22 @@ HITS_PATH = "/_demo/hits"
 
 
 def build(port: int) -> Site:
-    return Site(DEMO_HOSTS, port, pages=12)
+    site = Site(DEMO_HOSTS, port, pages=12)
+    _add_robots(site)
+    return site
+
+
+def _add_robots(site: Site) -> None:
+    disallowing, crawl_delay, failing, _ = DEMO_HOSTS
+    site.route(
+        disallowing,
+        "/robots.txt",
+        Reply(200, "User-agent: *\nDisallow: /p/1    # also /p/10, /p/11 ...\n"),
+    )
+    site.route(crawl_delay, "/robots.txt", Reply(200, "User-agent: *\nCrawl-delay: 1\n"))
+    site.route(
+        failing, "/robots.txt", Reply(500), Reply(500), Reply(200, "User-agent: *\nAllow: /\n")
+    )
 
 
 def main() -> None:

@@ -433,6 +433,9 @@ class PoliteDelayMiddleware:
             seconds = self.config.cap
         state.crawl_delay = seconds
         state.slow_down()
+        # The gap after the robots.txt request was drawn when it left, under the old
+        # floor: hold the domain for the new floor from the moment it is known.
+        state.hold_until = max(state.hold_until, monotonic() + seconds)
         assert self.crawler.stats is not None
         self.crawler.stats.set_value(f"polite/delay/crawl_delay/{state.key}", seconds)
         logger.info("%s: Crawl-delay %.2f s is now its delay floor", state.key, seconds)

@@ -14,6 +14,13 @@ POLITE_DELAY = [0.2, 0.5]
 POLITE_DELAY_DOMAINS = {"127.0.0.5": [1.0, 2.0]}
 CONCURRENT_REQUESTS_PER_DOMAIN = 2
 
+# robots.txt by RFC 9309 (the add-on puts its own middleware in place of Scrapy's).
+# An unreachable robots.txt (the demo's 127.0.0.4 answers 500 at first) is tried
+# again after 1 s, then 2 s, ...; its pages wait, for at most a minute.
+ROBOTSTXT_OBEY = True
+POLITE_ROBOTS_RETRY_DELAY = 1
+POLITE_ROBOTS_UNREACHABLE_TIMEOUT = 60
+
 TELNETCONSOLE_ENABLED = False
 LOG_LEVEL = "INFO"
 
