@@ -324,6 +324,8 @@ class PoliteDelayMiddleware:
         assert self.crawler.engine is not None
         downloader = self.crawler.engine.downloader
         key = downloader.get_slot_key(request)
+        if not key:  # data:, file: and other host-less URLs are not downloaded from a site
+            return
         if key not in downloader.slots:
             downloader.slots[key] = self._new_slot(downloader, key, request)
             # Scrapy starts its idle-slot collector when it creates a slot itself.
@@ -355,7 +357,7 @@ class PoliteDelayMiddleware:
     def process_response(
         self, request: Request, response: Response, spider: Spider | None = None
     ) -> Request | Response:
-        if "cached" in response.flags:
+        if "cached" in response.flags or not urlparse_cached(request).hostname:
             return response
         assert self.crawler.engine is not None
         state = self._state(self.crawler.engine.downloader.get_slot_key(request), request)
@@ -366,6 +368,8 @@ class PoliteDelayMiddleware:
                     state.backoff = 0.0
             return response
         self._back_off(state, response)
+        if request.meta.get("dont_retry"):
+            return response
         retry = get_retry_request(
             request,
             spider=self.crawler.spider,  # type: ignore[arg-type]

@@ -197,6 +197,37 @@ def test_retries_after_slow_down_responses_are_bounded_and_counted(site: Site):
     assert [i["status"] for i in result.items] == [429]  # given up, handed to the spider
 
 
+class DontRetrySpider(scrapy.Spider):
+    """Fetches the given URLs with ``dont_retry`` in meta."""
+
+    name = "dont_retry"
+
+    def __init__(self, urls: str = "[]", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.urls = json.loads(urls)
+
+    async def start(self) -> Any:
+        for url in self.urls:
+            yield scrapy.Request(url, meta={"dont_retry": True})
+
+    def parse(self, response: Response) -> Iterator[Any]:
+        yield {"url": response.url, "status": response.status}
+
+
+def test_dont_retry_requests_are_not_retried_but_the_domain_still_backs_off(site: Site):
+    host = site.hosts[0]
+    site.route(host, "/p/0", Reply(429, b"no", [("Retry-After", "1")]), Reply(200, b"ok"))
+    result = crawl(
+        "tests.test_delays.DontRetrySpider",
+        {**ADDON, "POLITE_DELAY": 0, "HTTPERROR_ALLOWED_CODES": [429]},
+        args={"urls": json.dumps(_urls(site, host, 1))},
+    )
+    assert len(site.hits(host, "/p/0")) == 1
+    assert [i["status"] for i in result.items] == [429]
+    assert result.stat(f"polite/delay/backoff/{host}") == 1
+    assert result.stat("polite/delay/retry/count") == 0
+
+
 # -- state that outlives Scrapy's slots; AutoThrottle; fairness -------------------------------
 
 

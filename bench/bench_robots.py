@@ -7,7 +7,7 @@ their ratio, per round and in total, and how many disallowed pages each fetched
 (Scrapy 2.19's middleware lets some through: requests that wait on a robots.txt
 fetch already under way are allowed once the first of them has its answer).
 
-    python -m bench.robots_overhead [--rounds 3] [--pages 60]
+    python -m bench.bench_robots [--rounds 3] [--pages 60]
 """
 
 from __future__ import annotations
