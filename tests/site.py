@@ -23,13 +23,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+# Linux's socket option for nanosecond receive timestamps (not in the socket module).
+_SO_TIMESTAMPNS = 35
 
 HOSTS: tuple[str, ...] = tuple(f"127.0.0.{i}" for i in range(2, 10))
 
@@ -161,7 +164,6 @@ class Site:
         for host in self.hosts:
             server = _Server((host, port), _RequestHandler)
             server.site = self
-            server.accepted = {}
             self._servers.append(server)
         self.port = port
 
@@ -271,13 +273,13 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     site: Site
-    accepted: dict[int, float]  # connection accept times by socket id
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # When the connection came in, before a thread is started for it: the
-        # arrival time of the first request on a new connection.
-        self.accepted[id(request)] = time.monotonic()
-        super().process_request(request, client_address)
+    def server_bind(self) -> None:
+        # Ask the kernel to stamp incoming data (accepted sockets inherit it): a
+        # request's arrival time is then when its bytes came in, however late
+        # the server's thread gets to run on a busy machine.
+        self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_bind()
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -293,17 +295,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve(send_body=False)
 
-    def setup(self) -> None:
-        super().setup()
-        self._accepted_at: float | None = self.server.accepted.pop(id(self.request), None)
+    def handle_one_request(self) -> None:
+        self._arrived = _arrival_time(self.connection)
+        super().handle_one_request()
 
     def _serve(self, *, send_body: bool) -> None:
         site = self.server.site
         host = self.server.server_address[0]
         assert isinstance(host, str)
         headers = {k.lower(): v for k, v in self.headers.items()}
-        arrived, self._accepted_at = self._accepted_at or time.monotonic(), None
-        hit = site._arrive(host, self.path, self.command, headers, arrived)
+        hit = site._arrive(host, self.path, self.command, headers, self._arrived)
         try:
             reply = site._reply(hit)
             if reply.delay:
@@ -324,6 +325,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         finally:
             site._leave(host)
+
+
+def _arrival_time(connection: socket.socket) -> float:
+    """When the next request's first byte reached the kernel, on the monotonic clock.
+
+    Waits for that byte (without reading it) like the request parser would.
+    Falls back to now where the kernel gives no timestamp (or the peer left).
+    """
+    try:
+        _, ancillary, _, _ = connection.recvmsg(1, socket.CMSG_SPACE(16), socket.MSG_PEEK)
+    except OSError:
+        return time.monotonic()
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", data[:16])
+            return time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9))
+    return time.monotonic()
 
 
 def _free_port(host: str) -> int:

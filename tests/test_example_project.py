@@ -78,7 +78,9 @@ def test_scrapy_crawl_of_the_example_project_visits_every_demo_host_politely(dem
     items = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(items) == len(hosts) * PAGES
     for host in hosts:
-        assert min(site.gaps(host)) >= FLOOR - EPS
+        assert min(site.gaps(host)) >= FLOOR - EPS, [
+            (h.path, round(h.time - site.hits(host)[0].time, 3)) for h in site.hits(host)
+        ]
 
 
 def test_two_crawlers_sharing_a_scrapy_redis_queue_fetch_every_page_exactly_once(
@@ -196,4 +198,6 @@ def test_the_example_project_deploys_to_scrapyd_and_its_job_runs_politely(demo_s
     items = (tmp_path / "items" / "polite_demo" / "demo" / f"{job}.jl").read_text().splitlines()
     assert len(items) == len(hosts) * PAGES
     for host in hosts:
-        assert min(site.gaps(host)) >= FLOOR - EPS
+        assert min(site.gaps(host)) >= FLOOR - EPS, [
+            (h.path, round(h.time - site.hits(host)[0].time, 3)) for h in site.hits(host)
+        ]
