@@ -25,19 +25,18 @@ class PagesSpider(scrapy.Spider):
         self.follow = follow in (True, "1", "true", "True")
 
     def parse(self, response: Response) -> Iterator[Any]:
-        yield {
-            "url": response.url,
-            "status": response.status,
-            "title": response.css("title::text").get(),
-            "length": len(response.body),
-        }
+        yield _item(response)
         if self.follow and hasattr(response, "css"):
             yield from response.follow_all(css="a::attr(href)", callback=self.parse_page)
 
     def parse_page(self, response: Response) -> Iterator[Any]:
-        yield {
-            "url": response.url,
-            "status": response.status,
-            "title": response.css("title::text").get(),
-            "length": len(response.body),
-        }
+        yield _item(response)
+
+
+def _item(response: Response) -> dict[str, Any]:
+    return {
+        "url": response.url,
+        "status": response.status,
+        "title": response.css("title::text").get(),
+        "length": len(response.body),
+    }

@@ -452,6 +452,17 @@ def test_rfc2616_policy_revalidates_an_expired_entry_and_a_304_serves_the_cached
     assert second.stat("polite/httpcache/store") == 1  # the refreshed entry
 
 
+def _crawl_one_by_one(redis_server: RedisServer, urls: list[str]):
+    """A cached crawl of *urls*, one request at a time, that retries Redis every 0.3 s."""
+    settings = _cache_settings(
+        redis_server,
+        POLITE_DELAY=0.08,
+        CONCURRENT_REQUESTS_PER_DOMAIN=1,
+        POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
+    )
+    return crawl(PAGES_SPIDER, settings, args={"urls": json.dumps(urls)})
+
+
 def _restart_later(redis_server: RedisServer, after: float) -> threading.Thread:
     thread = threading.Thread(target=lambda: (time.sleep(after), redis_server.start()))
     thread.start()
@@ -473,16 +484,7 @@ def test_redis_stopped_mid_crawl_and_started_again_loses_no_page_and_cache_resum
         return Reply(200, page_body(host, 10), [("Content-Type", "text/html")])
 
     site.route(host, "/p/10", stop_redis_once)
-    result = crawl(
-        PAGES_SPIDER,
-        _cache_settings(
-            redis_server,
-            POLITE_DELAY=0.08,
-            CONCURRENT_REQUESTS_PER_DOMAIN=1,
-            POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
-        ),
-        args={"urls": json.dumps(urls)},
-    )
+    result = _crawl_one_by_one(redis_server, urls)
     restarts[0].join()
     assert sorted(item["url"] for item in result.items) == sorted(urls)
     assert result.stat("polite/httpcache/outage") == 1
@@ -509,16 +511,7 @@ def test_redis_down_at_start_the_crawl_runs_without_cache_and_uses_it_once_up(si
         return Reply(200, page_body(host, 5), [("Content-Type", "text/html")])
 
     site.route(host, "/p/5", start_redis)
-    result = crawl(
-        PAGES_SPIDER,
-        _cache_settings(
-            redis_server,
-            POLITE_DELAY=0.08,
-            CONCURRENT_REQUESTS_PER_DOMAIN=1,
-            POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
-        ),
-        args={"urls": json.dumps(urls)},
-    )
+    result = _crawl_one_by_one(redis_server, urls)
     restarts[0].join()
     assert len(result.items) == count
     assert result.log.count("is unavailable") == 1
