@@ -449,7 +449,9 @@ def test_rfc2616_policy_revalidates_an_expired_entry_and_a_304_serves_the_cached
     assert second.stat("httpcache/revalidate") == 1
     assert second.items == first.items  # the full body, from the cache, after the 304
     assert second.items[0]["length"] == len(body)
-    assert second.stat("polite/httpcache/store") == 1  # the refreshed entry
+    # Scrapy 2.19 stores the entry freshened by the 304 (2.18 does not): every store
+    # the middleware asks for reaches Redis.
+    assert second.stat("polite/httpcache/store") == second.stat("httpcache/store")
 
 
 def _crawl_one_by_one(redis_server: RedisServer, urls: list[str]):
