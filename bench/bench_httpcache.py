@@ -155,7 +155,6 @@ def _micro(
                 "POLITE_HTTPCACHE_REDIS_URL": redis_server.url,
                 "POLITE_HTTPCACHE_PREFIX": f"micro{r + 1}",
                 "HTTPCACHE_DIR": str(work / f"micro{r + 1}"),
-                "REQUEST_FINGERPRINTER_IMPLEMENTATION": "2.7",
             }
             cls = RedisCacheStorage if name == "Redis" else FilesystemCacheStorage
             store_us, hit_us = _time_storage(cls, settings, requests, responses)

@@ -29,7 +29,6 @@ BASE_SETTINGS: dict[str, Any] = {
     "TELNETCONSOLE_ENABLED": False,
     "ROBOTSTXT_OBEY": False,
     "USER_AGENT": "PoliteTestBot/1.0 (+https://example.invalid/bot)",
-    "REQUEST_FINGERPRINTER_IMPLEMENTATION": "2.7",
 }
 
 

@@ -46,7 +46,6 @@ class _Storage:
             Spider,
             {
                 "POLITE_HTTPCACHE_REDIS_URL": url,
-                "REQUEST_FINGERPRINTER_IMPLEMENTATION": "2.7",
                 **settings,
             },
         )
