@@ -19,8 +19,8 @@ import json
 import statistics
 from typing import Any
 
-from tests.crawl import crawl
-from tests.site import Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.site import Site
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}}

@@ -2,7 +2,7 @@
 
 One run, alternating rounds (the order of the variants rotates every round), on
 a local 2,000-page site spread over eight hosts, with no delays. Each crawl is
-a real Scrapy crawl in its own process (``tests.crawl``); throughput is items
+a real Scrapy crawl in its own process (``scrapy_polite.testing.crawl``); throughput is items
 per second of the crawl's own ``elapsed_time_seconds``. Prints:
 
 1. live crawl, Redis cache storing every page vs no cache (goal: under 5 % slower),
@@ -23,13 +23,10 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scrapy import Spider
 from scrapy.extensions.httpcache import FilesystemCacheStorage
@@ -37,9 +34,9 @@ from scrapy.http import HtmlResponse, Request
 from scrapy.utils.test import get_crawler
 
 from scrapy_polite.httpcache import RedisCacheStorage, cache_usage
-from tests.crawl import crawl
-from tests.redis_server import RedisServer
-from tests.site import HOSTS, Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import HOSTS, Site
 
 REDIS_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
 FS_STORAGE = "scrapy.extensions.httpcache.FilesystemCacheStorage"

@@ -24,18 +24,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scrapy.utils.defer import maybe_deferred_to_future
 
 from scrapy_polite.process import available_cores
-from tests.crawl import crawl
-from tests.site import HOSTS, Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.site import HOSTS, Site
 from tests.test_process import CrawlProbe
 
 LOOPS_ENV = "BENCH_PROCESS_LOOPS"  # set by the bench; inherited by crawls and their workers

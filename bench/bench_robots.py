@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from tests.crawl import crawl
-from tests.site import Reply, Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.site import Reply, Site
 
 DISALLOWED = [f"/p/{i}" for i in range(1, 6)]
 ROBOTS = "User-agent: *\n" + "".join(f"Disallow: {path}$\n" for path in DISALLOWED)

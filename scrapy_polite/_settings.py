@@ -8,10 +8,25 @@ start-up instead of misbehaving later.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
+
+from scrapy_polite._robots_rules import product_token
 
 if TYPE_CHECKING:
     from scrapy.settings import BaseSettings
+
+__all__ = [
+    "PoliteSettingError",
+    "as_list",
+    "get_bool",
+    "get_choice",
+    "get_dict",
+    "get_float",
+    "get_int",
+    "get_str",
+    "robots_user_agent",
+]
 
 
 class PoliteSettingError(ValueError):
@@ -98,6 +113,67 @@ def get_str(
     if not isinstance(raw, str) or not raw:
         raise PoliteSettingError(name, raw, "a non-empty string")
     return raw
+
+
+def as_list(name: str, raw: Any, expected: str) -> list[Any]:
+    """*raw* as a list, in every form a Scrapy user writes one.
+
+    A list or tuple; one number (``-s POLITE_DELAY=2``); a JSON list
+    (``-s 'POLITE_DELAY=[0.3, 0.6]'``); a comma-separated string, as Scrapy's
+    ``getlist`` reads one (``-s POLITE_DELAY=0.3,0.6``); or, for the few that
+    are ranges, ``"0.3-0.6"`` or ``"0.3 0.6"``. Anything else raises
+    :class:`PoliteSettingError` with *expected*.
+    """
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return [raw]
+    if not isinstance(raw, str) or not raw.strip():
+        raise PoliteSettingError(name, raw, expected)
+    text = raw.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise PoliteSettingError(name, raw, expected) from None
+        if not isinstance(value, list):
+            raise PoliteSettingError(name, raw, expected)
+        return value
+    if "," in text:
+        return [part.strip() for part in text.split(",")]
+    return text.replace("-", " ").split()
+
+
+def get_dict(settings: BaseSettings, name: str) -> dict[str, Any]:
+    """Read *name* as a dict: a dict, or a JSON object (``-s 'NAME={...}'``)."""
+    raw = settings.get(name)
+    try:
+        return dict(settings.getdict(name))
+    except (ValueError, TypeError):
+        raise PoliteSettingError(name, raw, "a dict, or a JSON object") from None
+
+
+def robots_user_agent(settings: BaseSettings) -> tuple[str, str]:
+    """The user agent robots.txt is read for, and its product token.
+
+    The first of ``POLITE_ROBOTS_USER_AGENT``, ``ROBOTSTXT_USER_AGENT`` and
+    ``USER_AGENT`` that is set; one without a product token (RFC 9309 matches
+    groups by it) is an error naming that setting.
+    """
+    for name in ("POLITE_ROBOTS_USER_AGENT", "ROBOTSTXT_USER_AGENT", "USER_AGENT"):
+        user_agent = settings.get(name)
+        if user_agent:
+            break
+    else:
+        name, user_agent = "USER_AGENT", settings.get("USER_AGENT")
+    token = product_token(user_agent) if isinstance(user_agent, (str, bytes)) else None
+    if token is None:
+        raise PoliteSettingError(
+            name, user_agent, "a user agent that starts with a product token, like 'MyBot/1.0'"
+        )
+    if isinstance(user_agent, bytes):
+        user_agent = user_agent.decode("latin-1")
+    return str(user_agent), token
 
 
 def _range_text(kind: str, minimum: float | None, maximum: float | None) -> str:

@@ -4,12 +4,15 @@ It only fills in what the user has not set: components go in at their default
 places unless the user already placed them (or disabled them with ``None``),
 and settings are written at the ``"addon"`` priority, below the project's.
 
-A request passes through the bundle in this order: robots.txt (priority 100,
-replacing Scrapy's ``RobotsTxtMiddleware`` when ``ROBOTSTXT_OBEY`` is on), the
-domain's delay (560, after Scrapy's retry middleware so it sees 429/503
-first), the HTTP cache (Scrapy's ``HttpCacheMiddleware`` at 900, with the
-Redis storage), then the download. An item passes through the user's
-pipelines, then the process pool (1000).
+A request passes through the bundle in this order: the robots.txt check
+(priority 100, replacing Scrapy's ``RobotsTxtMiddleware`` when
+``ROBOTSTXT_OBEY`` is on), the HTTP cache (Scrapy's ``HttpCacheMiddleware`` at
+900, with the Redis storage: a hit is answered here, before the domain's turn,
+so it never waits), the delay middleware (950), which hands the request to its
+domain's paced download slot, then the slot's turn and the download. On the way
+back the delay middleware sees a 429/503 first and turns it into a retry before
+the cache or Scrapy's retry middleware (550) see it. An item passes through the
+user's pipelines, then the process pool (1000).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
-from scrapy_polite.redis_client import redact, redis_url
+from scrapy_polite._redis import redact, redis_url
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
     from typing_extensions import Self
+
+__all__ = ["Addon"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +40,14 @@ ROBOTS_MIDDLEWARE = "scrapy_polite.robots.PoliteRobotsTxtMiddleware"
 CACHE_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
 PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
 
-DELAY_PRIORITY = 560
+DELAY_PRIORITY = 950
 ROBOTS_PRIORITY = 100
 PROCESS_PRIORITY = 1000
 
 
 class Addon:
+    """``ADDONS = {"scrapy_polite.Addon": 100}``: see the module's docstring."""
+
     def __init__(self, crawler: Crawler) -> None:
         self.crawler = crawler
 

@@ -19,6 +19,7 @@ import redis
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
+from scrapy_polite._redis import RedisLink, redact, redis_url
 from scrapy_polite._settings import get_str
 from scrapy_polite.httpcache import (
     DEFAULT_PREFIX,
@@ -26,10 +27,11 @@ from scrapy_polite.httpcache import (
     cache_usage,
     clear_namespace,
 )
-from scrapy_polite.redis_client import redact, redis_from_settings, redis_url
 
 if TYPE_CHECKING:
     import argparse
+
+__all__ = ["PoliteCacheCommand"]
 
 ACTIONS = ("stats", "clear")
 
@@ -75,7 +77,8 @@ class PoliteCacheCommand(ScrapyCommand):
             )
         prefix = get_str(self.settings, "POLITE_HTTPCACHE_PREFIX", DEFAULT_PREFIX)
         assert prefix is not None
-        client = redis_from_settings(self.settings, url)
+        link = RedisLink.standalone(self.settings, url)
+        client = link.client
         try:
             if args[0] == "stats":
                 self._stats(client, url, prefix, opts.namespace)
@@ -85,7 +88,7 @@ class PoliteCacheCommand(ScrapyCommand):
             print(f"Redis at {redact(url)}: {type(exc).__name__}: {exc}")
             self.exitcode = 1
         finally:
-            client.close()
+            link.release()
 
     def _stats(self, client: redis.Redis, url: str, prefix: str, namespace: str | None) -> None:
         usage = cache_usage(client, prefix)

@@ -1,51 +1,66 @@
 """Jittered per-domain delays, back-off on 429/503, and robots.txt ``Crawl-delay``.
 
 The waiting itself is done by Scrapy's downloader slots, never by sleeping:
-:class:`PoliteDelayMiddleware` gives every download slot (one per host) a
-:class:`PoliteSlot`, whose ``download_delay()`` draws each gap from the
-domain's own range and distribution, once per departure. On top of the draw it
-adds the domain's back-off, honours a ``Retry-After`` hold, and never goes
-under the domain's floor (its range's low end, or robots.txt's
-``Crawl-delay`` if higher) nor over ``POLITE_DELAY_MAX``.
+:class:`PoliteDelayMiddleware` gives every download slot (one per host) a paced
+slot (:mod:`scrapy_polite._scrapy_internals`) whose waits come from the domain's
+:class:`_DomainPace`. It draws each gap from the domain's own range and
+distribution, once per departure; on top of the draw it adds the domain's
+back-off, honours a ``Retry-After`` hold, and never goes under the domain's
+floor (its range's low end, or robots.txt's ``Crawl-delay`` if higher) nor over
+``POLITE_DELAY_MAX``.
 
-A domain's state (back-off, hold, Crawl-delay) lives in the middleware, keyed
-by slot, so it survives Scrapy dropping an idle slot after 60 s: the next
-request to that domain gets a new :class:`PoliteSlot` bound to the same state.
+A domain's range is, from the most specific: its ``POLITE_DELAY_DOMAINS`` entry,
+its ``DOWNLOAD_SLOTS`` entry's ``delay`` and ``jitter`` (as in stock Scrapy),
+then ``POLITE_DELAY`` (or ``DOWNLOAD_DELAY`` with ``DOWNLOAD_DELAY_JITTER``).
+A ``DOWNLOAD_SLOTS`` ``concurrency`` applies as in stock Scrapy.
+
+A domain's pace (back-off, hold, Crawl-delay) lives in the middleware, keyed by
+slot, so it survives Scrapy dropping an idle slot after 60 s: the next request
+to that domain gets a new slot bound to the same pace.
+
+The add-on places the middleware after Scrapy's HTTP cache (950 against 900):
+a cached response is served before the domain's turn and never waits, and a
+429/503 becomes a retry before the cache could store it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
-from scrapy import Request, signals
-from scrapy.core.downloader import Slot
+from scrapy import signals
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import NotConfigured
-from scrapy.http import Response
 from scrapy.utils.httpobj import urlparse_cached
 
+from scrapy_polite._scrapy_internals import PacedSlot, has_slot, install_slot
 from scrapy_polite._settings import (
     PoliteSettingError,
+    as_list,
     get_bool,
     get_choice,
+    get_dict,
     get_float,
     get_int,
+    robots_user_agent,
 )
 
 if TYPE_CHECKING:
-    from scrapy import Spider
-    from scrapy.core.downloader import Downloader
+    from scrapy import Request, Spider
     from scrapy.crawler import Crawler
+    from scrapy.http import Response
     from scrapy.settings import BaseSettings
+    from scrapy.statscollectors import StatsCollector
     from typing_extensions import Self
+
+__all__ = ["DISTRIBUTIONS", "DelayConfig", "DelayRange", "PoliteDelayMiddleware"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +111,8 @@ class DelayConfig:
 
     default: DelayRange
     domains: tuple[tuple[str, DelayRange], ...]  # longest domain first
+    slots: dict[str, DelayRange]  # DOWNLOAD_SLOTS entries with a delay
+    slot_concurrency: dict[str, int]  # DOWNLOAD_SLOTS entries with a concurrency
     cap: float
     backoff_codes: frozenset[int]
     backoff_delay: float
@@ -103,72 +120,136 @@ class DelayConfig:
     backoff_recovery: float
     backoff_retries: int
     obey_crawl_delay: bool
-    robots_user_agent: str
+    robots_token: str  # the product token Crawl-delay is read for ("*" without robots.txt)
+    autothrottle: bool
+    autothrottle_start_delay: float
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
         distribution = get_choice(settings, "POLITE_DELAY_DISTRIBUTION", "uniform", DISTRIBUTIONS)
         cap = get_float(settings, "POLITE_DELAY_MAX", 60.0, minimum=0)
+        jitter = _default_jitter(settings)
         if settings.get("POLITE_DELAY") is None:
             # Scrapy's own delay, with its ±DOWNLOAD_DELAY_JITTER, is the default range.
             delay = get_float(settings, "DOWNLOAD_DELAY", 0.0, minimum=0)
-            jitter = get_float(settings, "DOWNLOAD_DELAY_JITTER", 0.5, minimum=0, maximum=1)
             default = DelayRange(delay * (1 - jitter), delay * (1 + jitter), distribution)
         else:
             default = _parse_range("POLITE_DELAY", settings.get("POLITE_DELAY"), distribution)
         domains = []
-        raw_domains = settings.getdict("POLITE_DELAY_DOMAINS")
-        for domain, value in raw_domains.items():
+        for domain, value in get_dict(settings, "POLITE_DELAY_DOMAINS").items():
             name = f"POLITE_DELAY_DOMAINS[{domain!r}]"
             domains.append(
                 (str(domain).lower().lstrip("."), _parse_range(name, value, distribution))
             )
-        for name, delay_range in [("POLITE_DELAY", default)] + [
-            (f"POLITE_DELAY_DOMAINS[{d!r}]", r) for d, r in domains
-        ]:
+        slots, slot_concurrency = _download_slots(settings, jitter, distribution)
+        named = [("POLITE_DELAY", default)]
+        named += [(f"POLITE_DELAY_DOMAINS[{d!r}]", r) for d, r in domains]
+        named += [(f"DOWNLOAD_SLOTS[{k!r}]", r) for k, r in slots.items()]
+        for name, delay_range in named:
             if delay_range.high > cap:
                 raise PoliteSettingError(
                     "POLITE_DELAY_MAX", cap, f"at least the {name} upper bound ({delay_range.high})"
                 )
-        codes = settings.getlist("POLITE_BACKOFF_HTTP_CODES", [429, 503])
-        try:
-            backoff_codes = frozenset(int(c) for c in codes)
-        except (TypeError, ValueError):
-            raise PoliteSettingError(
-                "POLITE_BACKOFF_HTTP_CODES", codes, "a list of HTTP status codes"
-            ) from None
+        obey_crawl_delay = get_bool(settings, "POLITE_OBEY_CRAWL_DELAY", True)
+        robots = obey_crawl_delay and get_bool(settings, "ROBOTSTXT_OBEY", False)
         return cls(
             default=default,
             domains=tuple(sorted(domains, key=lambda d: -len(d[0]))),
+            slots=slots,
+            slot_concurrency=slot_concurrency,
             cap=cap,
-            backoff_codes=backoff_codes,
+            backoff_codes=_status_codes(settings, "POLITE_BACKOFF_HTTP_CODES", [429, 503]),
             backoff_delay=get_float(settings, "POLITE_BACKOFF_DELAY", 1.0, minimum=0),
             backoff_factor=get_float(settings, "POLITE_BACKOFF_FACTOR", 2.0, minimum=1),
             backoff_recovery=get_float(
                 settings, "POLITE_BACKOFF_RECOVERY", 0.75, minimum=0, maximum=1
             ),
             backoff_retries=get_int(settings, "POLITE_BACKOFF_RETRIES", 5, minimum=0),
-            obey_crawl_delay=get_bool(settings, "POLITE_OBEY_CRAWL_DELAY", True),
-            robots_user_agent=str(
-                settings.get("POLITE_ROBOTS_USER_AGENT")
-                or settings.get("ROBOTSTXT_USER_AGENT")
-                or settings.get("USER_AGENT")
-                or "*"
+            obey_crawl_delay=obey_crawl_delay,
+            robots_token=robots_user_agent(settings)[1] if robots else "*",
+            autothrottle=get_bool(settings, "AUTOTHROTTLE_ENABLED", False),
+            autothrottle_start_delay=get_float(
+                settings, "AUTOTHROTTLE_START_DELAY", 5.0, minimum=0
             ),
         )
 
-    def range_for(self, host: str) -> DelayRange:
-        """The range of *host*: its own, its parent domain's, or the default."""
+    def range_for(self, key: str, host: str) -> DelayRange:
+        """The range of slot *key* (for *host*): its ``POLITE_DELAY_DOMAINS`` entry
+        (or its parent domain's), its ``DOWNLOAD_SLOTS`` delay, or the default."""
         host = host.lower()
         for domain, delay_range in self.domains:
             if host == domain or host.endswith("." + domain):
                 return delay_range
-        return self.default
+        return self.slots.get(key, self.default)
+
+
+def _default_jitter(settings: BaseSettings) -> float:
+    if settings.get("DOWNLOAD_DELAY_JITTER") is not None:
+        return get_float(settings, "DOWNLOAD_DELAY_JITTER", 0.5, minimum=0, maximum=1)
+    # Scrapy 2.18 has only RANDOMIZE_DOWNLOAD_DELAY (±50 % when on).
+    return 0.5 if get_bool(settings, "RANDOMIZE_DOWNLOAD_DELAY", True) else 0.0
+
+
+def _download_slots(
+    settings: BaseSettings, jitter: float, distribution: str
+) -> tuple[dict[str, DelayRange], dict[str, int]]:
+    """``DOWNLOAD_SLOTS``' delays as ranges (``delay`` ± ``jitter``), and concurrencies."""
+    ranges: dict[str, DelayRange] = {}
+    concurrency: dict[str, int] = {}
+    for key, entry in get_dict(settings, "DOWNLOAD_SLOTS").items():
+        name = f"DOWNLOAD_SLOTS[{key!r}]"
+        if not isinstance(entry, dict):
+            raise PoliteSettingError(name, entry, "a dict of delay, jitter and concurrency")
+        if "concurrency" in entry:
+            concurrency[key] = int(_number(f"{name}['concurrency']", entry["concurrency"], 1))
+        if "delay" not in entry:
+            continue
+        delay = _number(f"{name}['delay']", entry["delay"], 0)
+        if "jitter" in entry:
+            slot_jitter = _number(f"{name}['jitter']", entry["jitter"], 0, 1)
+        elif "randomize_delay" in entry:
+            slot_jitter = 0.5 if entry["randomize_delay"] else 0.0
+        else:
+            slot_jitter = jitter
+        low, high = delay * (1 - slot_jitter), delay * (1 + slot_jitter)
+        ranges[key] = DelayRange(low, high, distribution)
+    return ranges, concurrency
+
+
+def _number(name: str, value: Any, minimum: float, maximum: float | None = None) -> float:
+    expected = f"a number from {minimum} to {maximum}" if maximum else f"a number >= {minimum}"
+    if isinstance(value, bool):
+        raise PoliteSettingError(name, value, expected)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PoliteSettingError(name, value, expected) from None
+    if not minimum <= number <= (maximum if maximum is not None else math.inf):
+        raise PoliteSettingError(name, value, expected)
+    return number
+
+
+def _status_codes(settings: BaseSettings, name: str, default: list[int]) -> frozenset[int]:
+    raw = settings.get(name, default)
+    expected = "a list of HTTP status codes"
+    try:
+        codes = frozenset(int(c) for c in as_list(name, raw, expected))
+    except (TypeError, ValueError):
+        raise PoliteSettingError(name, raw, expected) from None
+    if not all(100 <= c <= 999 for c in codes):
+        raise PoliteSettingError(name, raw, expected)
+    return codes
 
 
 def _parse_range(name: str, value: Any, distribution: str) -> DelayRange:
-    """``2`` or ``[2, 5]`` or ``{"delay": [2, 5], "distribution": "lognormal"}``."""
+    """``2``, ``[2, 5]``, ``"2,5"``, ``"[2, 5]"``, ``"2-5"``, or
+    ``{"delay": [2, 5], "distribution": "lognormal"}`` (also as JSON)."""
     expected = "a delay in seconds, a [low, high] pair, or {'delay': ..., 'distribution': ...}"
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise PoliteSettingError(name, value, expected) from None
     if isinstance(value, dict):
         distribution = value.get("distribution", distribution)
         if distribution not in DISTRIBUTIONS:
@@ -176,12 +257,11 @@ def _parse_range(name: str, value: Any, distribution: str) -> DelayRange:
                 name, value, "a distribution among " + ", ".join(DISTRIBUTIONS)
             )
         value = value.get("delay")
-    if isinstance(value, str):
-        value = value.replace("-", " ").split()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value, value]
+    parts = as_list(name, value, expected)
+    if len(parts) == 1:
+        parts = parts * 2
     try:
-        low, high = (float(v) for v in value)
+        low, high = (float(v) for v in parts)
     except (TypeError, ValueError):
         raise PoliteSettingError(name, value, expected) from None
     if not 0 <= low <= high or math.isinf(high):
@@ -189,114 +269,99 @@ def _parse_range(name: str, value: Any, distribution: str) -> DelayRange:
     return DelayRange(low, high, distribution)
 
 
-@dataclass
-class _DomainState:
-    """What the crawl has learnt about one domain; outlives its download slot."""
+class _DomainPace:
+    """What the crawl has learnt about one domain, and the gaps it draws from it.
 
-    key: str
-    range: DelayRange
-    backoff: float = 0.0  # extra seconds added to every gap, after 429/503
-    hold_until: float = 0.0  # time.monotonic() (Slot.lastseen's clock) before which nothing is sent
-    crawl_delay: float = 0.0  # from robots.txt
-    last_departure: float = 0.0  # when the last request left the slot's queue
-    last_start: float = 0.0  # when the last download started (closer to the wire)
-    revision: int = 0  # bumped when the domain must slow down at once
+    It outlives its download slot. The slot asks :meth:`wait` each time Scrapy
+    looks at its queue; the gap is drawn once per departure (when ``lastseen``
+    moves), so a queue looked at twice does not re-roll its wait and the gaps
+    the site sees follow the configured distribution. A back-off or a new
+    Crawl-delay (:meth:`slow_down`) draws the pending gap again at once.
+    """
+
+    __slots__ = (
+        "_drawn_for",
+        "_gap",
+        "_reported",
+        "_rng",
+        "_stats",
+        "backoff",
+        "cap",
+        "crawl_delay",
+        "hold_until",
+        "key",
+        "last_departure",
+        "last_start",
+        "range",
+        "revision",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        delay_range: DelayRange,
+        cap: float,
+        rng: random.Random,
+        stats: StatsCollector,
+    ) -> None:
+        self.key = key
+        self.range = delay_range
+        self.cap = cap
+        self.backoff = 0.0  # extra seconds added to every gap, after 429/503
+        self.hold_until = 0.0  # monotonic time (Slot.lastseen's clock) before which nothing leaves
+        self.crawl_delay = 0.0  # from robots.txt
+        self.last_departure = 0.0  # when the last request left the slot's queue
+        self.last_start = 0.0  # when the last download started (closer to the wire)
+        self.revision = 0  # bumped when the domain must slow down at once
+        self._rng = rng
+        self._stats = stats
+        self._drawn_for = (-1.0, -1)
+        self._gap = 0.0
+        self._reported: float | None = None
+
+    def floor(self) -> float:
+        return max(self.range.low, self.crawl_delay)
 
     def slow_down(self) -> None:
         """Make the next gap be drawn again, with what was just learnt."""
         self.revision += 1
 
-    def floor(self) -> float:
-        return max(self.range.low, self.crawl_delay)
-
-
-class PoliteSlot(Slot):
-    """A download slot whose gaps come from its domain's :class:`_DomainState`.
-
-    Scrapy calls ``download_delay()`` each time it looks at the slot's queue;
-    the gap is drawn once per departure (when ``lastseen`` moves), so a queue
-    looked at twice does not re-roll its wait, and the gaps the site sees follow
-    the configured distribution. A back-off or a new Crawl-delay draws the
-    pending gap again at once.
-    """
-
-    __slots__ = ("_config", "_drawn_for", "_gap", "_on_draw", "_rng", "_starting", "_state")
-
-    def __init__(
-        self,
-        concurrency: int,
-        state: _DomainState,
-        config: DelayConfig,
-        rng: random.Random,
-        on_draw: Callable[[_DomainState, float], None],
-        start_delay: float = 0.0,
-    ) -> None:
-        # ``delay`` is left for AutoThrottle to write; it can raise a gap, never lower it.
-        super().__init__(concurrency, start_delay, 0.0)
-        # A slot made again after Scrapy dropped the idle one keeps the domain's pace.
-        self.lastseen = state.last_departure
-        self._state = state
-        self._config = config
-        self._rng = rng
-        self._on_draw = on_draw
-        self._drawn_for = (-1.0, -1)
-        self._gap = 0.0
-        self._starting: set[Request] = set()
-        self.transferring = _Transferring(self._starting, state)
-
-    def free_transfer_slots(self) -> int:
-        # Scrapy's queue loop pops the head of the queue each time this is
-        # positive, but on the asyncio reactor that download only joins
-        # ``transferring`` once its task first runs, after the loop is over.
-        # Counting it from the pop on keeps CONCURRENT_REQUESTS_PER_DOMAIN at
-        # the site; requests that left without starting are forgotten.
-        self._starting &= self.active
-        free = self.concurrency - len(self.transferring) - len(self._starting)
-        if free > 0 and self.queue:
-            self._starting.add(self.queue[0][0])
-        return free
-
-    def download_delay(self) -> float:
-        if self._drawn_for != (self.lastseen, self._state.revision):
-            self._drawn_for = (self.lastseen, self._state.revision)
-            self._state.last_departure = self.lastseen
-            self._gap = self._draw()
-            self._on_draw(self._state, self._gap)
-        hold = self._state.hold_until - self.lastseen
+    def wait(self, lastseen: float, slot_delay: float) -> float:
+        if self._drawn_for != (lastseen, self.revision):
+            self._drawn_for = (lastseen, self.revision)
+            self.last_departure = lastseen
+            self._gap = self._draw(slot_delay)
+        hold = self.hold_until - lastseen
         if self._gap <= 0:
-            return max(0.0, hold)
+            return hold if hold > 0 else 0.0
         # Count the gap from when the last download really started, not from when
         # it left the queue: on a busy machine the two can be far apart, and the
         # site sees the former.
-        started_late = max(0.0, self._state.last_start - self.lastseen)
+        started_late = max(0.0, self.last_start - lastseen)
         return max(self._gap + started_late, hold)
 
-    def _draw(self) -> float:
-        state = self._state
-        floor = state.floor()
-        gap = max(state.range.raised_to(floor).draw(self._rng), self.delay) + state.backoff
-        return min(max(gap, floor), self._config.cap)
+    def started(self, now: float) -> None:
+        self.last_start = now
 
-
-class _Transferring(set[Request]):
-    """A slot's downloads in progress; a download that starts is no longer starting."""
-
-    def __init__(self, starting: set[Request], state: _DomainState) -> None:
-        super().__init__()
-        self._starting = starting
-        self._state = state
-
-    def add(self, request: Request) -> None:
-        self._starting.discard(request)
-        self._state.last_start = monotonic()
-        super().add(request)
+    def _draw(self, slot_delay: float) -> float:
+        floor = self.floor()
+        if floor >= self.range.high and not self.backoff and not slot_delay:
+            gap = min(floor, self.cap)  # a fixed gap (0 included): nothing to draw
+        else:
+            # AutoThrottle's slot delay can raise a gap, never lower it.
+            gap = max(self.range.raised_to(floor).draw(self._rng), slot_delay) + self.backoff
+            gap = min(max(gap, floor), self.cap)
+        if gap != self._reported:  # a stat write per departure would cost the crawl
+            self._reported = gap
+            self._stats.set_value(f"polite/delay/current/{self.key}", round(gap, 3))
+        return gap
 
 
 class PoliteDelayMiddleware:
     """Downloader middleware that spaces the requests to each domain politely.
 
-    - ``process_request`` makes sure the request's download slot is a
-      :class:`PoliteSlot`; the slot does the waiting.
+    - ``process_request`` makes sure the request's download slot is paced by
+      its domain's :class:`_DomainPace`; the slot does the waiting.
     - ``process_response`` backs off on ``POLITE_BACKOFF_HTTP_CODES`` (429 and
       503): it holds the domain for ``Retry-After``, raises the domain's extra
       delay, and retries the request; later successes shrink the extra delay.
@@ -307,12 +372,13 @@ class PoliteDelayMiddleware:
     def __init__(self, crawler: Crawler) -> None:
         if not get_bool(crawler.settings, "POLITE_DELAY_ENABLED", True):
             raise NotConfigured("POLITE_DELAY_ENABLED is off")
+        assert crawler.stats is not None
         self.crawler = crawler
         self.config = DelayConfig.from_settings(crawler.settings)
-        self._autothrottle = crawler.settings.getbool("AUTOTHROTTLE_ENABLED")
-        self._autothrottle_start = crawler.settings.getfloat("AUTOTHROTTLE_START_DELAY")
+        self._stats = crawler.stats
         self._rng = random.Random()
-        self._domains: dict[str, _DomainState] = {}
+        self._domains: dict[str, _DomainPace] = {}
+        self._backed_off: dict[str, _DomainPace] = {}  # domains with an extra delay
         crawler.signals.connect(self._robots_parsed, signal=signals.robots_parsed)
 
     @classmethod
@@ -324,50 +390,37 @@ class PoliteDelayMiddleware:
         assert self.crawler.engine is not None
         downloader = self.crawler.engine.downloader
         key = downloader.get_slot_key(request)
-        if not key:  # data:, file: and other host-less URLs are not downloaded from a site
+        if not key or has_slot(downloader, key):  # host-less URLs have no site to spare
             return
-        if key not in downloader.slots:
-            downloader.slots[key] = self._new_slot(downloader, key, request)
-            # Scrapy starts its idle-slot collector when it creates a slot itself.
-            start_gc = getattr(downloader, "_start_slot_gc", None)
-            if start_gc is not None:
-                start_gc()
-
-    def _new_slot(self, downloader: Downloader, key: str, request: Request) -> PoliteSlot:
-        concurrency = downloader.per_slot_settings.get(key, {}).get(
-            "concurrency", downloader.ip_concurrency or downloader.domain_concurrency
+        concurrency = self.config.slot_concurrency.get(
+            key, downloader.ip_concurrency or downloader.domain_concurrency
         )
-        start = self._autothrottle_start if self._autothrottle else 0.0
-        return PoliteSlot(
-            concurrency, self._state(key, request), self.config, self._rng, self._record_gap, start
-        )
+        start = self.config.autothrottle_start_delay if self.config.autothrottle else 0.0
+        slot = PacedSlot(concurrency, self._pace(key, request), start)
+        install_slot(downloader, key, slot)
 
-    def _state(self, key: str, request: Request) -> _DomainState:
-        state = self._domains.get(key)
-        if state is None:
+    def _pace(self, key: str, request: Request) -> _DomainPace:
+        pace = self._domains.get(key)
+        if pace is None:
             host = urlparse_cached(request).hostname or key
-            state = self._domains[key] = _DomainState(key, self.config.range_for(host))
-        return state
-
-    def _record_gap(self, state: _DomainState, gap: float) -> None:
-        assert self.crawler.stats is not None
-        self.crawler.stats.set_value(f"polite/delay/current/{state.key}", round(gap, 3))
+            delay_range = self.config.range_for(key, host)
+            pace = _DomainPace(key, delay_range, self.config.cap, self._rng, self._stats)
+            self._domains[key] = pace
+        return pace
 
     # -- responses ----------------------------------------------------------------
     def process_response(
         self, request: Request, response: Response, spider: Spider | None = None
     ) -> Request | Response:
+        if response.status not in self.config.backoff_codes:
+            if self._backed_off and "cached" not in response.flags:
+                self._recover(request)
+            return response
         if "cached" in response.flags or not urlparse_cached(request).hostname:
             return response
         assert self.crawler.engine is not None
-        state = self._state(self.crawler.engine.downloader.get_slot_key(request), request)
-        if response.status not in self.config.backoff_codes:
-            if state.backoff:
-                state.backoff *= self.config.backoff_recovery
-                if state.backoff < _NEGLIGIBLE:
-                    state.backoff = 0.0
-            return response
-        self._back_off(state, response)
+        pace = self._pace(self.crawler.engine.downloader.get_slot_key(request), request)
+        self._back_off(pace, response)
         if request.meta.get("dont_retry"):
             return response
         retry = get_retry_request(
@@ -379,34 +432,45 @@ class PoliteDelayMiddleware:
         )
         return retry or response
 
-    def _back_off(self, state: _DomainState, response: Response) -> None:
+    def _recover(self, request: Request) -> None:
+        """A success shrinks the domain's extra delay."""
+        assert self.crawler.engine is not None
+        pace = self._backed_off.get(self.crawler.engine.downloader.get_slot_key(request))
+        if pace is None:
+            return
+        pace.backoff *= self.config.backoff_recovery
+        if pace.backoff < _NEGLIGIBLE:
+            pace.backoff = 0.0
+            del self._backed_off[pace.key]
+
+    def _back_off(self, pace: _DomainPace, response: Response) -> None:
         retry_after = _retry_after(response.headers.get(b"Retry-After"))
         cap = self.config.cap
         if retry_after is not None and retry_after > cap:
             logger.warning(
                 "%s asked for Retry-After %.0f s; waiting POLITE_DELAY_MAX (%.0f s) instead",
-                state.key,
+                pace.key,
                 retry_after,
                 cap,
             )
             retry_after = cap
-        state.backoff = min(
+        pace.backoff = min(
             cap,
-            max(state.backoff * self.config.backoff_factor, self.config.backoff_delay),
+            max(pace.backoff * self.config.backoff_factor, self.config.backoff_delay),
         )
+        if pace.backoff:
+            self._backed_off[pace.key] = pace
         if retry_after:
-            state.hold_until = max(state.hold_until, monotonic() + retry_after)
-        state.slow_down()
-        stats = self.crawler.stats
-        assert stats is not None
-        stats.inc_value("polite/delay/backoff")
-        stats.inc_value(f"polite/delay/backoff/{state.key}")
-        stats.set_value(f"polite/delay/extra/{state.key}", round(state.backoff, 3))
+            pace.hold_until = max(pace.hold_until, monotonic() + retry_after)
+        pace.slow_down()
+        self._stats.inc_value("polite/delay/backoff")
+        self._stats.inc_value(f"polite/delay/backoff/{pace.key}")
+        self._stats.set_value(f"polite/delay/extra/{pace.key}", round(pace.backoff, 3))
         logger.info(
             "%s answered %d: backing off (extra delay %.2f s%s)",
-            state.key,
+            pace.key,
             response.status,
-            state.backoff,
+            pace.backoff,
             f", Retry-After {retry_after:.1f} s" if retry_after else "",
         )
 
@@ -418,7 +482,7 @@ class PoliteDelayMiddleware:
         if crawl_delay is None:
             return
         try:
-            seconds = crawl_delay(self.config.robots_user_agent)
+            seconds = crawl_delay(self.config.robots_token)
         except Exception:  # a third-party parser without Crawl-delay support
             logger.debug("%r cannot report Crawl-delay", robotparser, exc_info=True)
             return
@@ -426,23 +490,22 @@ class PoliteDelayMiddleware:
             return
         seconds = float(seconds)
         assert self.crawler.engine is not None
-        state = self._state(self.crawler.engine.downloader.get_slot_key(request), request)
+        pace = self._pace(self.crawler.engine.downloader.get_slot_key(request), request)
         if seconds > self.config.cap:
             logger.warning(
                 "%s asks for Crawl-delay %.1f s; using POLITE_DELAY_MAX (%.1f s) instead",
-                state.key,
+                pace.key,
                 seconds,
                 self.config.cap,
             )
             seconds = self.config.cap
-        state.crawl_delay = seconds
-        state.slow_down()
+        pace.crawl_delay = seconds
+        pace.slow_down()
         # The gap after the robots.txt request was drawn when it left, under the old
         # floor: hold the domain for the new floor from the moment it is known.
-        state.hold_until = max(state.hold_until, monotonic() + seconds)
-        assert self.crawler.stats is not None
-        self.crawler.stats.set_value(f"polite/delay/crawl_delay/{state.key}", seconds)
-        logger.info("%s: Crawl-delay %.2f s is now its delay floor", state.key, seconds)
+        pace.hold_until = max(pace.hold_until, monotonic() + seconds)
+        self._stats.set_value(f"polite/delay/crawl_delay/{pace.key}", seconds)
+        logger.info("%s: Crawl-delay %.2f s is now its delay floor", pace.key, seconds)
 
 
 def _retry_after(value: bytes | None) -> float | None:

@@ -9,79 +9,58 @@ Keys are ``<POLITE_HTTPCACHE_PREFIX>:<namespace>:<fingerprint hex>``, where the
 namespace is the spider's name, or ``POLITE_HTTPCACHE_NAMESPACE`` to share one
 cache between spiders, and the fingerprint is the crawler's
 ``request_fingerprinter``. Each key holds one Redis string in an explicit
-format, never pickle (Redis is shared, and unpickling what another process
-wrote would run its code)::
-
-    SPHC/1\\n{"status": 200, "url": ..., "headers": [[name, value], ...], ...}\\n<body>
-
-a magic line, one line of JSON (status, URL, every header value in order,
-stored-at time, body encoding and size, response class), then the body, raw or
-zlib-compressed. An entry that does not decode is a miss, counted in stats.
+format (:mod:`scrapy_polite._httpcache_entry`), never pickle: Redis is shared,
+and unpickling what another process wrote would run its code. An entry that
+does not decode is a miss, counted in stats.
 
 Scrapy calls a storage synchronously on the reactor thread, so each call is
-one bounded Redis command (short socket timeouts from
-:func:`~scrapy_polite.redis_client.redis_from_settings`). Stores are batched:
-they are written in one pipeline when ``POLITE_HTTPCACHE_WRITE_BATCH`` entries
-are waiting or ``POLITE_HTTPCACHE_WRITE_DELAY`` seconds have passed, and when
-the spider closes; a read sees the entries still waiting. When Redis fails, the
-crawl goes on without the cache: one warning, then Redis is left alone for
-``POLITE_HTTPCACHE_RETRY_INTERVAL`` seconds at a time until it answers again.
+one round trip bounded by ``POLITE_REDIS_TIMEOUT``, through the crawler's one
+Redis layer (:mod:`scrapy_polite._redis`). Stores are batched: they are
+written in one pipeline when ``POLITE_HTTPCACHE_WRITE_BATCH`` entries are
+waiting or ``POLITE_HTTPCACHE_WRITE_DELAY`` seconds have passed, and when the
+spider closes; a read sees the entries still waiting. When Redis fails, the
+crawl goes on without the cache until the layer's retry window ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import zlib
 from dataclasses import dataclass
-from ipaddress import ip_address
-from time import monotonic, time
-from typing import TYPE_CHECKING, Any, cast
+from time import time
+from typing import TYPE_CHECKING, cast
 
 import redis
-from scrapy.http import Headers, HtmlResponse, JsonResponse, Response, TextResponse, XmlResponse
-from scrapy.responsetypes import responsetypes
 
+from scrapy_polite._httpcache_entry import CacheEntryError, decode_entry, encode_entry
+from scrapy_polite._redis import RedisLink, RedisUnavailable, redis_url
 from scrapy_polite._settings import PoliteSettingError, get_float, get_int, get_str
-from scrapy_polite.redis_client import redact, redis_from_settings, redis_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from scrapy import Request, Spider
+    from scrapy.http import Response
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
     from scrapy.utils.request import RequestFingerprinterProtocol
     from twisted.internet.base import DelayedCall, ReactorBase
     from typing_extensions import Self
 
+__all__ = [
+    "DEFAULT_PREFIX",
+    "URL_SETTING",
+    "HttpCacheConfig",
+    "NamespaceUsage",
+    "RedisCacheStorage",
+    "cache_usage",
+    "clear_namespace",
+]
+
 logger = logging.getLogger(__name__)
 
 URL_SETTING = "POLITE_HTTPCACHE_REDIS_URL"
 DEFAULT_PREFIX = "polite:httpcache"
-
-#: The first bytes of every entry: the format's name and version.
-MAGIC = b"SPHC/1\n"
-
-# Response classes an entry may name; anything else is guessed from the
-# headers, URL and body, as Scrapy's downloader does. A class path read from
-# Redis is never imported.
-_CLASSES: dict[str, type[Response]] = {
-    "response": Response,
-    "text": TextResponse,
-    "html": HtmlResponse,
-    "xml": XmlResponse,
-    "json": JsonResponse,
-}
-_CLASS_NAMES = {cls: name for name, cls in _CLASSES.items()}
-
-# Bodies of these types are already compressed: zlib would spend time for nothing.
-_COMPRESSED_TYPES = (b"image/", b"audio/", b"video/", b"font/woff")
-_COMPRESSED_SUBTYPES = (b"zip", b"gzip", b"x-gzip", b"x-7z-compressed", b"x-bzip2", b"x-xz")
-# No body announcing more than this is decompressed (Scrapy's DOWNLOAD_MAXSIZE default).
-_MAX_BODY_SIZE = 1024 * 1024 * 1024
-# A compressed body is kept only if it is at most this fraction of the raw one.
-_WORTH_IT = 0.9
+COMPONENT = "httpcache"
 
 
 @dataclass(frozen=True)
@@ -97,7 +76,6 @@ class HttpCacheConfig:
     max_body_size: int
     write_batch: int
     write_delay: float
-    retry_interval: float
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
@@ -132,9 +110,6 @@ class HttpCacheConfig:
             write_delay=get_float(
                 settings, "POLITE_HTTPCACHE_WRITE_DELAY", 0.1, minimum=0, maximum=60
             ),
-            retry_interval=get_float(
-                settings, "POLITE_HTTPCACHE_RETRY_INTERVAL", 2.0, minimum=0, maximum=3600
-            ),
         )
 
 
@@ -143,26 +118,19 @@ class RedisCacheStorage:
 
     Built by Scrapy as ``RedisCacheStorage(settings)``; a missing Redis URL or
     a bad setting raises :class:`~scrapy_polite.PoliteSettingError` there, so
-    the crawl stops at start-up. The client connects lazily and is closed in
-    :meth:`close_spider`.
+    the crawl stops at start-up. It takes the crawler's Redis link in
+    :meth:`open_spider` and gives it back in :meth:`close_spider`.
     """
 
     def __init__(self, settings: BaseSettings) -> None:
         self.config = HttpCacheConfig.from_settings(settings)
-        self._client = redis_from_settings(settings, self.config.url)
-        # Reads go through one connection of the storage's own (the reactor thread
-        # is the only user), without the pool's bookkeeping on every GET.
-        self._reader = self._client.connection_pool.make_connection()
-        self._reader_used = False  # has it answered since it last (re)connected?
         self._ttl = self.config.expiration_secs or None  # never ``EX 0``
-        self._url = redact(self.config.url)
+        self._link: RedisLink | None = None
         self._key_prefix = ""
         self._fingerprinter: RequestFingerprinterProtocol | None = None
         self._stats: StatsCollector | None = None
         self._pending: dict[str, bytes] = {}
         self._flush_call: DelayedCall | None = None
-        self._skip_until = 0.0  # monotonic time before which Redis is not called
-        self._outage_since: float | None = None
         self._warned_decode = False
         self._warned_store = False
 
@@ -171,43 +139,39 @@ class RedisCacheStorage:
         crawler = spider.crawler
         self._fingerprinter = crawler.request_fingerprinter
         self._stats = crawler.stats
+        self._link = RedisLink.open(
+            crawler, self.config.url, COMPONENT, "the HTTP cache is skipped"
+        )
         namespace = self.config.namespace or spider.name
         self._key_prefix = f"{self.config.prefix}:{namespace}:"
         try:
-            self._client.ping()
-        except redis.RedisError as exc:
-            self._failed(exc)
+            self._link.blocking(COMPONENT, ("PING",))
+        except RedisUnavailable:
             return
         logger.info(
             "Redis HTTP cache at %s, keys %s* (%s)",
-            self._url,
+            self._link.shown_url,
             self._key_prefix,
             f"expire after {self._ttl} s" if self._ttl else "no expiry",
         )
 
     def close_spider(self, spider: Spider) -> None:
         self._flush()
-        self._reader.disconnect()  # type: ignore[no-untyped-call]
-        self._client.close()
+        if self._link is not None:
+            self._link.release()  # its clients reconnect if the storage is used again
 
     def retrieve_response(self, spider: Spider, request: Request) -> Response | None:
         key = self._key(request)
         data = self._pending.get(key)
         if data is None:
-            if not self._may_call("retrieve"):
-                return None
+            assert self._link is not None, "open_spider() was not called"
             try:
-                data = self._get(key)
-            except redis.ResponseError as exc:
-                if str(exc).startswith("WRONGTYPE"):
-                    self._undecodable(key, "not a string")
-                else:
-                    self._failed(exc)
+                data = self._link.blocking_get(COMPONENT, key)
+            except RedisUnavailable:
                 return None
-            except redis.RedisError as exc:
-                self._failed(exc)
+            if isinstance(data, redis.ResponseError):  # WRONGTYPE: a key that is not ours
+                self._undecodable(key, str(data))
                 return None
-            self._answered()
             if data is None:
                 self._inc("miss")
                 return None
@@ -233,7 +197,8 @@ class RedisCacheStorage:
 
     # -- writing --------------------------------------------------------------------
     def _store(self, request: Request, response: Response) -> None:
-        if not self._may_call("store"):
+        assert self._link is not None, "open_spider() was not called"
+        if not self._link.available(COMPONENT):
             return
         if len(response.body) > self.config.max_body_size:
             self._inc("too_large")
@@ -270,80 +235,23 @@ class RedisCacheStorage:
                 self._flush_call.cancel()
             self._flush_call = None
         batch, self._pending = self._pending, {}
-        if not batch or not self._may_call("store", len(batch)):
+        if not batch or self._link is None:
             return
-        pipe = self._client.pipeline(transaction=False)
-        for key, data in batch.items():
-            pipe.set(key, data, ex=self._ttl)
+        expiry = ("EX", self._ttl) if self._ttl else ()
         try:
-            results = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
+            results = self._link.blocking(
+                COMPONENT, *(("SET", key, data, *expiry) for key, data in batch.items())
+            )
+        except RedisUnavailable:
             self._inc("store_failed", len(batch))
-            self._failed(exc)
             return
-        errors = [r for r in results if isinstance(r, Exception)]
         stored = [data for data, r in zip(batch.values(), results, strict=True) if r is True]
         self._inc("store", len(stored))
         self._inc("stored_bytes", sum(len(data) for data in stored))
+        errors = [r for r in results if isinstance(r, Exception)]
         if errors:
             self._inc("store_failed", len(errors))
-            self._failed(errors[0])
-        else:
-            self._answered()
-
-    def _get(self, key: str) -> bytes | None:
-        """``GET key`` on the reader connection.
-
-        A connection kept from earlier calls may have gone stale (Redis
-        restarted): that one failure gets one more try, on a new connection.
-        """
-        while True:
-            try:
-                self._reader.send_command("GET", key)  # type: ignore[no-untyped-call]
-                data = self._reader.read_response()
-            except redis.ConnectionError:
-                self._reader.disconnect()  # type: ignore[no-untyped-call]
-                retry, self._reader_used = self._reader_used, False
-                if retry:
-                    continue
-                raise
-            self._reader_used = True
-            return cast("bytes | None", data)
-
-    # -- Redis health ---------------------------------------------------------------
-    def _may_call(self, action: str, count: int = 1) -> bool:
-        """False (and counted) while Redis is left alone after a failure."""
-        if self._skip_until and monotonic() < self._skip_until:
-            self._inc(f"skipped/{action}", count)
-            return False
-        return True
-
-    def _failed(self, exc: Exception) -> None:
-        self._inc("redis_error")
-        self._skip_until = monotonic() + self.config.retry_interval
-        if self._outage_since is not None:
-            return
-        self._outage_since = monotonic()
-        self._inc("outage")
-        logger.warning(
-            "Redis HTTP cache at %s is unavailable (%s: %s): crawling on without the "
-            "cache, trying Redis again every %.1f s",
-            self._url,
-            type(exc).__name__,
-            exc,
-            self.config.retry_interval,
-        )
-
-    def _answered(self) -> None:
-        if self._outage_since is None:
-            return
-        logger.info(
-            "Redis HTTP cache at %s answers again after %.1f s: cache resumed",
-            self._url,
-            monotonic() - self._outage_since,
-        )
-        self._outage_since = None
-        self._skip_until = 0.0
+            logger.warning("Redis refused %d cache entries: %s", len(errors), errors[0])
 
     # -- helpers --------------------------------------------------------------------
     def _key(self, request: Request) -> str:
@@ -365,117 +273,6 @@ class RedisCacheStorage:
     def _inc(self, event: str, count: int = 1) -> None:
         if self._stats is not None and count:
             self._stats.inc_value(f"polite/httpcache/{event}", count)
-
-
-# -- the entry format -----------------------------------------------------------------
-class CacheEntryError(ValueError):
-    """Bytes that are not a valid cache entry."""
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    """One cached response, as decoded from Redis."""
-
-    status: int
-    url: str
-    headers: list[tuple[str, str]]  # every value of every header, latin-1 text
-    body: bytes
-    stored_at: float  # Unix time
-    response_class: str | None = None
-    protocol: str | None = None
-    ip_address: str | None = None
-
-    def response(self) -> Response:
-        headers: dict[bytes, list[bytes]] = {}
-        for name, value in self.headers:
-            headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
-        cls = _CLASSES.get(self.response_class or "") or responsetypes.from_args(
-            headers=Headers(headers), url=self.url, body=self.body
-        )
-        return cls(
-            url=self.url,
-            status=self.status,
-            headers=headers,
-            body=self.body,
-            protocol=self.protocol,
-            ip_address=ip_address(self.ip_address) if self.ip_address else None,
-        )
-
-
-def encode_entry(
-    response: Response,
-    *,
-    stored_at: float,
-    compression_level: int = 1,
-    compress_min_size: int = 256,
-) -> bytes:
-    """*response* as cache entry bytes: magic line, JSON line, body.
-
-    The body is zlib-compressed at *compression_level* unless that isn't worth
-    it: a level of 0, a body under *compress_min_size* bytes, a body that is
-    already compressed (a ``Content-Encoding``, an image, an archive), or one
-    that zlib shrinks by less than 10 %.
-    """
-    body = response.body
-    encoding = "raw"
-    payload = body
-    if (
-        compression_level
-        and len(body) >= compress_min_size
-        and not _already_compressed(response.headers)
-    ):
-        compressed = zlib.compress(body, compression_level)
-        if len(compressed) <= len(body) * _WORTH_IT:
-            encoding, payload = "zlib", compressed
-    header: dict[str, Any] = {
-        "status": response.status,
-        "url": response.url,
-        "headers": [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, values in response.headers.items()
-            for value in values
-        ],
-        "stored_at": stored_at,
-        "body": encoding,
-        "size": len(body),
-    }
-    class_name = _CLASS_NAMES.get(type(response))
-    if class_name:
-        header["class"] = class_name
-    if response.protocol:
-        header["protocol"] = response.protocol
-    if response.ip_address is not None:
-        header["ip"] = str(response.ip_address)
-    line = json.dumps(header, separators=(",", ":")).encode("ascii")
-    return b"".join((MAGIC, line, b"\n", payload))
-
-
-def decode_entry(data: bytes) -> CacheEntry:
-    """Parse entry bytes written by :func:`encode_entry`; raise :class:`CacheEntryError`."""
-    if not data.startswith(MAGIC):
-        raise CacheEntryError("not a scrapy-polite cache entry")
-    end = data.find(b"\n", len(MAGIC))
-    if end < 0:
-        raise CacheEntryError("truncated header")
-    try:
-        header = json.loads(data[len(MAGIC) : end])
-        entry = CacheEntry(
-            status=_typed(header["status"], int),
-            url=_typed(header["url"], str),
-            headers=_headers(header["headers"]),
-            body=_body(header, data[end + 1 :]),
-            stored_at=float(_typed(header["stored_at"], (int, float))),
-            response_class=_typed(header.get("class"), (str, type(None))),
-            protocol=_typed(header.get("protocol"), (str, type(None))),
-            ip_address=_typed(header.get("ip"), (str, type(None))),
-        )
-    except CacheEntryError:
-        raise
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:
-        raise CacheEntryError(f"bad header: {exc}") from None
-    if not 100 <= entry.status <= 999:
-        raise CacheEntryError(f"bad status {entry.status}")
-    return entry
 
 
 # -- inspecting and clearing ------------------------------------------------------------
@@ -512,49 +309,7 @@ def clear_namespace(client: redis.Redis, namespace: str, prefix: str = DEFAULT_P
     return deleted
 
 
-# -- private helpers ----------------------------------------------------------------------
-def _already_compressed(headers: Headers) -> bool:
-    encoding = headers.get(b"Content-Encoding")
-    if encoding and encoding.strip().lower() != b"identity":
-        return True
-    content_type = (headers.get(b"Content-Type") or b"").split(b";")[0].strip().lower()
-    if content_type.startswith(_COMPRESSED_TYPES):
-        return True
-    return content_type.startswith(b"application/") and content_type[12:] in _COMPRESSED_SUBTYPES
-
-
-def _body(header: dict[str, Any], payload: bytes) -> bytes:
-    size = _typed(header["size"], int)
-    if not 0 <= size <= _MAX_BODY_SIZE:
-        raise CacheEntryError(f"bad body size {size}")
-    encoding = header["body"]
-    if encoding == "raw":
-        body = payload
-    elif encoding == "zlib":
-        decompressor = zlib.decompressobj()
-        body = decompressor.decompress(payload, size + 1)  # never more than announced
-        if not decompressor.eof or decompressor.unused_data:
-            raise CacheEntryError("compressed body is truncated or longer than announced")
-    else:
-        raise CacheEntryError(f"unknown body encoding {encoding!r}")
-    if len(body) != size:
-        raise CacheEntryError(f"body is {len(body)} bytes, {size} announced")
-    return body
-
-
-def _headers(value: Any) -> list[tuple[str, str]]:
-    pairs = [(name, text) for name, text in _typed(value, list)]
-    if not all(type(name) is str and type(text) is str for name, text in pairs):
-        raise CacheEntryError("headers are not [name, value] text pairs")
-    return pairs
-
-
-def _typed(value: Any, types: type | tuple[type, ...]) -> Any:
-    if not isinstance(value, types) or isinstance(value, bool):
-        raise CacheEntryError(f"unexpected value {value!r}")
-    return value
-
-
+# -- private helpers ------------------------------------------------------------------
 def _scan_batches(client: redis.Redis, pattern: str, count: int = 1000) -> Iterator[list[bytes]]:
     cursor = 0
     while True:

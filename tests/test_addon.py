@@ -15,8 +15,8 @@ from scrapy_polite import Addon
 from scrapy_polite.delays import PoliteDelayMiddleware
 from scrapy_polite.process import ProcessPipeline
 from scrapy_polite.robots import PoliteRobotsTxtMiddleware
-from tests.crawl import crawl
-from tests.site import Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.site import Site
 
 
 def _settings(user: dict[str, Any]) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from scrapy.settings import Settings
 
 from scrapy_polite import PoliteSettingError
 from scrapy_polite.delays import DelayConfig, DelayRange
-from tests.crawl import crawl
-from tests.site import Reply, Site
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.site import Reply, Site
 
 ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}}
 REACTORS = ["asyncio", "epoll"]

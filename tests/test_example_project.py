@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from tests.crawl import ROOT
-from tests.redis_server import RedisServer
-from tests.site import Site
+from scrapy_polite.testing import free_port
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import Site
 
+ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ROOT / "example_project"
 PAGES = 5
 FLOOR = 0.2  # the project's POLITE_DELAY low end
@@ -114,12 +114,6 @@ def test_two_crawlers_sharing_a_scrapy_redis_queue_fetch_every_page_exactly_once
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -127,7 +121,7 @@ def _get(url: str) -> dict[str, Any]:
 
 def test_the_example_project_deploys_to_scrapyd_and_its_job_runs_politely(demo_site, tmp_path):
     site, hosts = demo_site
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     project = tmp_path / "project"
     shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns(".demo", "__pycache__"))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import configparser
 import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -16,78 +13,22 @@ from pathlib import Path
 
 import pytest
 from scrapy import Spider
-from scrapy.http import HtmlResponse, Request, Response, TextResponse
+from scrapy.http import HtmlResponse, Request
 from scrapy.utils.test import get_crawler
 
 from scrapy_polite import PoliteSettingError
-from scrapy_polite.httpcache import (
-    MAGIC,
-    CacheEntryError,
-    RedisCacheStorage,
-    cache_usage,
-    decode_entry,
-    encode_entry,
-)
-from tests.crawl import ROOT, crawl
-from tests.redis_server import RedisServer, _free_port
-from tests.site import Hit, Reply, Site, page_body
+from scrapy_polite._httpcache_entry import MAGIC, CacheEntryError, decode_entry, encode_entry
+from scrapy_polite.httpcache import RedisCacheStorage
+from scrapy_polite.testing import free_port
+from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import Hit, Reply, Site, page_body
+from tests.conftest import html_response as _html
 
 ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}, "POLITE_DELAY": 0}
+ROOT = Path(__file__).resolve().parent.parent
 PAGES_SPIDER = "tests.spiders.PagesSpider"
 FINGERPRINT_HEX = 40
-
-
-# -- the storage, called directly ------------------------------------------------------
-class _Storage:
-    """A storage opened for a spider of a real crawler, as HttpCacheMiddleware opens it."""
-
-    def __init__(self, url: str, name: str = "alpha", **settings) -> None:
-        self.crawler = get_crawler(
-            Spider,
-            {
-                "POLITE_HTTPCACHE_REDIS_URL": url,
-                **settings,
-            },
-        )
-        self.spider = Spider.from_crawler(self.crawler, name=name)
-        self.storage = RedisCacheStorage(self.crawler.settings)
-        self.storage.open_spider(self.spider)
-
-    def store(self, response: Response, url: str | None = None) -> None:
-        self.storage.store_response(self.spider, Request(url or response.url), response)
-
-    def retrieve(self, url: str) -> Response | None:
-        return self.storage.retrieve_response(self.spider, Request(url))
-
-    def close(self) -> None:
-        self.storage.close_spider(self.spider)
-
-    def stat(self, name: str) -> int:
-        return self.crawler.stats.get_value(f"polite/httpcache/{name}", 0)
-
-
-@pytest.fixture
-def open_storage(redis_server):
-    """Open storages on the test Redis; all are closed (their batches written) at the end."""
-    opened: list[_Storage] = []
-
-    def open_(name: str = "alpha", **settings) -> _Storage:
-        storage = _Storage(settings.pop("url", redis_server.url), name, **settings)
-        opened.append(storage)
-        return storage
-
-    yield open_
-    for storage in opened:
-        storage.close()
-
-
-def _html(url: str = "http://example.com/page", body: bytes | None = None, **kw) -> HtmlResponse:
-    return HtmlResponse(
-        url,
-        body=page_body("example.com", 1) if body is None else body,
-        headers=kw.pop("headers", [("Content-Type", "text/html; charset=utf-8")]),
-        **kw,
-    )
 
 
 def _only_key(redis_server: RedisServer) -> bytes:
@@ -291,32 +232,6 @@ def test_a_response_that_cannot_be_stored_is_counted_and_nothing_escapes(open_st
     assert storage.retrieve("http://example.com/page") is not None
 
 
-def test_compression_is_skipped_where_it_is_not_worth_it():
-    def encoding(response: Response) -> str:
-        data = encode_entry(response, stored_at=0)
-        entry = decode_entry(data)
-        assert entry.body == response.body
-        return json.loads(data[len(MAGIC) :].partition(b"\n")[0])["body"]
-
-    text = page_body("example.com", 2)
-    assert encoding(_html(body=text)) == "zlib"
-    assert encoding(_html(body=text[:100])) == "raw"  # tiny
-    assert encoding(_html(body=os.urandom(4000))) == "raw"  # incompressible
-    gzipped = _html(body=text, headers=[("Content-Encoding", "gzip")])
-    assert encoding(gzipped) == "raw"  # already compressed by the site
-    image = Response("http://example.com/i.png", body=text, headers={"Content-Type": "image/png"})
-    assert encoding(image) == "raw"
-    level0 = encode_entry(_html(body=text), stored_at=0, compression_level=0)
-    assert b'"body":"raw"' in level0
-
-
-def test_text_response_class_is_kept_and_unknown_class_is_guessed():
-    plain = TextResponse("http://example.com/t.txt", body=b"hello " * 100, encoding="utf-8")
-    assert type(decode_entry(encode_entry(plain, stored_at=0)).response()) is TextResponse
-    data = encode_entry(_html(), stored_at=0).replace(b'"class":"html"', b'"class":"os.system"')
-    assert type(decode_entry(data).response()) is HtmlResponse
-
-
 def test_no_redis_url_fails_at_start_up_naming_the_settings():
     settings = get_crawler(Spider, {}).settings
     with pytest.raises(PoliteSettingError, match=r"POLITE_HTTPCACHE_REDIS_URL.*REDIS_URL"):
@@ -339,16 +254,16 @@ def test_a_redis_restart_between_two_reads_is_not_an_outage(open_storage, redis_
     assert storage.retrieve("http://example.com/page") is not None  # the connection is kept
     redis_server.stop()
     redis_server.start()  # empty again: the test server keeps nothing on disk
-    with caplog.at_level(logging.WARNING, logger="scrapy_polite.httpcache"):
+    with caplog.at_level(logging.WARNING, logger="scrapy_polite"):
         assert storage.retrieve("http://example.com/page") is None
     assert caplog.records == []
-    assert storage.stat("redis_error") == 0
+    assert storage.redis_stat("error") == 0
     assert storage.stat("miss") == 1
 
 
 def test_redis_down_means_misses_skipped_stores_one_warning_and_no_password(open_storage, caplog):
-    url = f"redis://user:s3cret@127.0.0.1:{_free_port()}/0"
-    with caplog.at_level(logging.INFO, logger="scrapy_polite.httpcache"):
+    url = f"redis://user:s3cret@127.0.0.1:{free_port()}/0"
+    with caplog.at_level(logging.INFO, logger="scrapy_polite"):
         storage = open_storage(url=url)
         for i in range(20):
             assert storage.retrieve(f"http://example.com/{i}") is None
@@ -358,10 +273,9 @@ def test_redis_down_means_misses_skipped_stores_one_warning_and_no_password(open
     assert len(messages) == 1, messages
     assert "user:***@127.0.0.1" in messages[0]
     assert "s3cret" not in caplog.text
-    assert storage.stat("outage") == 1
-    assert storage.stat("redis_error") == 1  # then left alone for the retry interval
-    assert storage.stat("skipped/retrieve") == 20
-    assert storage.stat("skipped/store") == 20
+    assert storage.redis_stat("outage") == 1
+    assert storage.redis_stat("error") == 1  # then left alone for the retry interval
+    assert storage.redis_stat("skipped/httpcache") == 40  # 20 reads, 20 stores
 
 
 # -- real crawls ---------------------------------------------------------------------------
@@ -459,7 +373,7 @@ def _crawl_one_by_one(redis_server: RedisServer, urls: list[str]):
         redis_server,
         POLITE_DELAY=0.08,
         CONCURRENT_REQUESTS_PER_DOMAIN=1,
-        POLITE_HTTPCACHE_RETRY_INTERVAL=0.3,
+        POLITE_REDIS_RETRY_INTERVAL=0.3,
     )
     return crawl(PAGES_SPIDER, settings, args={"urls": json.dumps(urls)})
 
@@ -488,8 +402,8 @@ def test_redis_stopped_mid_crawl_and_started_again_loses_no_page_and_cache_resum
     result = _crawl_one_by_one(redis_server, urls)
     restarts[0].join()
     assert sorted(item["url"] for item in result.items) == sorted(urls)
-    assert result.stat("polite/httpcache/outage") == 1
-    assert result.stat("polite/httpcache/redis_error") >= 1
+    assert result.stat("polite/redis/outage") == 1
+    assert result.stat("polite/redis/error") >= 1
     assert result.log.count("is unavailable") == 1
     assert "answers again" in result.log
     # The restarted Redis is empty (the test server keeps nothing on disk): what
@@ -516,78 +430,7 @@ def test_redis_down_at_start_the_crawl_runs_without_cache_and_uses_it_once_up(si
     restarts[0].join()
     assert len(result.items) == count
     assert result.log.count("is unavailable") == 1
-    assert result.stat("polite/httpcache/skipped/retrieve") >= 1
+    assert result.stat("polite/redis/skipped/httpcache") >= 1
     cached = _cached_urls(redis_server)
     assert urls[0] not in cached
     assert urls[-1] in cached
-
-
-# -- the inspect/clear tool ------------------------------------------------------------------
-def _polite_cache(
-    tmp_path: Path, redis_server: RedisServer, *args: str
-) -> subprocess.CompletedProcess:
-    """``scrapy polite-cache ...`` with the entry point declared in setup.cfg."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    dist = tmp_path / "polite_cache_entry_point-0.dist-info"
-    if not dist.exists():
-        dist.mkdir()
-        (dist / "METADATA").write_text(
-            "Metadata-Version: 2.1\nName: polite-cache-entry-point\nVersion: 0\n"
-        )
-        entry_points = config["options.entry_points"]["scrapy.commands"]
-        (dist / "entry_points.txt").write_text(f"[scrapy.commands]\n{entry_points.strip()}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
-    env.pop("SCRAPY_SETTINGS_MODULE", None)
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scrapy",
-            "polite-cache",
-            *args,
-            "-s",
-            f"POLITE_REDIS_URL={redis_server.url}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def test_tool_shows_entries_and_bytes_per_namespace_and_clears_one(
-    open_storage, redis_server, tmp_path
-):
-    for name, count in (("alpha", 3), ("beta", 2)):
-        storage = open_storage(name)
-        for i in range(count):
-            storage.store(_html(f"http://example.com/{i}"))
-        storage.close()
-    client = redis_server.client()
-    client.set("unrelated:key", "x")
-    usage = cache_usage(client)
-    alpha_bytes = sum(client.strlen(k) for k in client.keys("polite:httpcache:alpha:*"))
-    assert (usage["alpha"].entries, usage["alpha"].bytes) == (3, alpha_bytes)
-    assert usage["beta"].entries == 2
-
-    stats = _polite_cache(tmp_path, redis_server, "stats")
-    assert stats.returncode == 0, stats.stderr
-    lines = {line.split()[0]: line.split()[1:] for line in stats.stdout.splitlines()[2:]}
-    assert lines["alpha"] == ["3", str(alpha_bytes)]
-    assert lines["beta"][0] == "2"
-    assert lines["(total)"][0] == "5"
-
-    refused = _polite_cache(tmp_path, redis_server, "clear")
-    assert refused.returncode == 2
-    assert "--namespace" in refused.stderr
-    assert client.dbsize() == 6
-
-    cleared = _polite_cache(tmp_path, redis_server, "clear", "--namespace", "alpha")
-    assert cleared.returncode == 0, cleared.stderr
-    assert "alpha: 3 entries deleted" in cleared.stdout
-    assert client.keys("polite:httpcache:alpha:*") == []
-    assert len(client.keys("polite:httpcache:beta:*")) == 2
-    assert client.get("unrelated:key") == b"x"

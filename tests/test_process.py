@@ -26,8 +26,8 @@ from scrapy.settings import Settings
 
 from scrapy_polite import PoliteSettingError
 from scrapy_polite.process import ProcessConfig, available_cores
-from tests.crawl import crawl, finish_crawl, start_crawl
-from tests.site import Site
+from scrapy_polite.testing.crawl import crawl, finish_crawl, start_crawl
+from scrapy_polite.testing.site import Site
 
 WORK = "tests.test_process.work"
 PIPELINE = {"POLITE_DELAY_ENABLED": False, "EXTENSIONS": {"tests.test_process.CrawlProbe": 0}}

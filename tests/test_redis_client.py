@@ -10,8 +10,8 @@ import redis
 from scrapy.settings import Settings
 
 from scrapy_polite import PoliteSettingError
-from scrapy_polite.redis_client import redact, redis_from_settings, redis_url
-from tests.redis_server import RedisServer
+from scrapy_polite._redis import redact, redis_from_settings, redis_url
+from scrapy_polite.testing.redis_server import RedisServer
 
 
 def test_url_comes_from_the_component_then_polite_then_scrapy_redis_settings():

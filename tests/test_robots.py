@@ -16,22 +16,16 @@ from scrapy.http import Response
 from scrapy.settings import Settings
 
 from scrapy_polite import PoliteSettingError
-from scrapy_polite.robots import (
-    MAX_SIZE,
-    REDIS_PREFIX,
-    RobotsConfig,
-    RobotsRules,
-    decode_body,
-    product_token,
-    sitemaps_found,
-)
-from tests.crawl import CrawlResult, crawl, finish_crawl, start_crawl
-from tests.redis_server import RedisServer
-from tests.site import Hit, Reply, Site
+from scrapy_polite._robots_rules import MAX_SIZE
+from scrapy_polite.robots import RobotsConfig, sitemaps_found
+from scrapy_polite.testing.crawl import CrawlResult, crawl, finish_crawl, start_crawl
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import Hit, Reply, Site
+from tests.test_robots_rules import GROUPS
 
 SPIDER = "tests.test_robots.RobotsSpider"
 OBEY = {"ADDONS": {"scrapy_polite.Addon": 100}, "ROBOTSTXT_OBEY": True}
-UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"  # tests.crawl's USER_AGENT
+UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"  # scrapy_polite.testing.crawl's USER_AGENT
 
 
 class RobotsSpider(scrapy.Spider):
@@ -74,8 +68,13 @@ class RobotsSpider(scrapy.Spider):
 
             setattr(cls, name, wrapper)
 
+        import redis.asyncio
+        import redis.asyncio.connection
+
         counted(redis.Redis, "__init__", "clients")
+        counted(redis.asyncio.Redis, "__init__", "clients")
         counted(redis.connection.AbstractConnection, "connect", "connects")
+        counted(redis.asyncio.connection.AbstractConnection, "connect", "connects")
 
     def closed(self, reason: str) -> None:
         for what, count in self.redis_use.items():
@@ -125,80 +124,6 @@ def _forbidden(result: CrawlResult, host: str) -> set[str]:
         for i in result.items
         if prefix in i["url"] and i.get("error") == "Forbidden by robots.txt"
     }
-
-
-# -- product tokens and groups (no crawl) ---------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("user_agent", "token"),
-    [
-        (UA, "PoliteTestBot"),
-        ("MyBot", "MyBot"),
-        ("my_bot-2/3.0", "my_bot-"),
-        ("Mozilla/5.0 (compatible; Foobot/2.1; +https://foo.example/bot)", "Foobot"),
-        ("Mozilla/5.0 (X11; Linux x86_64) Firefox/140.0", "Mozilla"),
-        ("  /1.0", None),
-        ("", None),
-    ],
-)
-def test_product_token_is_the_name_a_user_agent_starts_with(user_agent, token):
-    assert product_token(user_agent) == token
-
-
-GROUPS = """\
-User-agent: bot
-Disallow: /bot-group
-
-User-agent: Polite   # a prefix of our token, not our token
-Disallow: /prefix-group
-
-User-agent: PoliteTestBot/2.0
-User-agent: OtherBot
-Disallow: /our-group
-
-User-agent: *
-Disallow: /star-group
-"""
-
-
-def test_only_the_group_of_the_exact_product_token_applies():
-    rules = RobotsRules(GROUPS)
-    # Protego alone gives "bot" to "…/bot)" in our user agent and "Polite" to PoliteTestBot.
-    assert not rules.can_fetch("http://a.example/our-group", UA)
-    for path in ("/bot-group", "/prefix-group", "/star-group"):
-        assert rules.can_fetch(f"http://a.example{path}", UA), path
-    assert not rules.can_fetch("http://a.example/our-group", "otherbot")  # any case
-    assert not rules.can_fetch("http://a.example/bot-group", "bot/1.0")
-    assert not rules.can_fetch("http://a.example/star-group", "MyBot/1.0")  # no group: *
-    assert rules.can_fetch("http://a.example/bot-group", "MyBot/1.0")
-    assert rules.allowed(b"http://a.example/robots.txt", UA)
-
-
-def test_crawl_delay_is_the_larger_of_crawl_delay_and_request_rate_of_the_matching_group():
-    rules = RobotsRules(
-        GROUPS.replace("/our-group\n", "/our-group\nCrawl-delay: 3\n").replace(
-            "/star-group\n", "/star-group\nRequest-rate: 1/5s\n"
-        )
-    )
-    assert rules.crawl_delay(UA) == 3.0  # our group: Crawl-delay only
-    assert rules.crawl_delay("MyBot/1.0") == 5.0  # the * group: 1 request per 5 s
-    both = RobotsRules("User-agent: *\nCrawl-delay: 2\nRequest-rate: 3/3s\n")
-    assert both.crawl_delay(UA) == 2.0
-    assert RobotsRules("User-agent: *\nDisallow: /x\n").crawl_delay(UA) is None
-
-
-def test_body_is_cut_to_its_first_500_kib_on_a_line_boundary():
-    line = b"Disallow: /filler/0123456789\n"
-    body = line * (MAX_SIZE // len(line) + 100)
-    text, truncated = decode_body(body)
-    assert truncated
-    assert len(text.encode()) <= MAX_SIZE
-    assert text.endswith("/filler/0123456789")  # no half line
-    assert decode_body(b"\xef\xbb\xbfUser-agent: *\n\xff\xfe") == (
-        "User-agent: *\n\ufffd\ufffd",
-        False,
-    )
 
 
 # -- settings ---------------------------------------------------------------------------
@@ -552,14 +477,19 @@ def test_three_crawlers_sharing_redis_fetch_each_robots_txt_once(
     assert site.page_hits(failing) == []
 
     client = redis_server.client()
-    entry = json.loads(client.get(f"{REDIS_PREFIX}{site.url(rules, '')}"))
+
+    def key(host: str) -> str:
+        return f"polite:{{{host}}}:robots:{site.url(host, '')}"
+
+    entry = json.loads(client.get(key(rules)))
     assert entry["kind"] == "rules"
     assert entry["body"] == "User-agent: *\nDisallow: /p/1\n"
-    assert 86_000_000 < client.pttl(f"{REDIS_PREFIX}{site.url(rules, '')}") <= 86_400_000
-    assert json.loads(client.get(f"{REDIS_PREFIX}{site.url(missing, '')}"))["kind"] == "unavailable"
+    assert 86_000_000 < client.pttl(key(rules)) <= 86_400_000
+    assert json.loads(client.get(key(missing)))["kind"] == "unavailable"
     # An unreachable robots.txt is never stored as a file.
-    assert client.get(f"{REDIS_PREFIX}{site.url(failing, '')}") is None
-    assert not client.keys(f"{REDIS_PREFIX}*:lock")
+    assert client.get(key(failing)) is None
+    assert client.exists(key(failing) + ":down")
+    assert not client.keys("polite:*:lock")
 
 
 def test_robots_txt_is_fetched_again_after_it_expires_despite_the_http_cache(
@@ -625,7 +555,8 @@ def test_an_unreachable_redis_falls_back_to_memory_with_one_warning(
         args={"urls": json.dumps(urls)},
     )
     assert result.log.count("robots.txt results stay in this process") == 1
-    assert result.stat("polite/robots/redis_error") >= 1
+    assert result.stat("polite/redis/error") >= 1
+    assert result.stat("polite/redis/outage") == 1
     assert _paths(site.hits(rules)) == {"/p/0", "/p/2", "/p/3"}
     assert len(site.page_hits(other)) == 4
     assert [len(_robots(site.hits(h))) for h in (rules, other)] == [1, 1]

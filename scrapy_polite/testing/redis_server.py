@@ -8,13 +8,16 @@ never touched. ``stop()`` and ``start()`` keep the port, for outage tests.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import redis
+
+from scrapy_polite.testing import free_port
+
+__all__ = ["RedisServer", "redis_server_binary"]
 
 
 def redis_server_binary() -> str:
@@ -33,15 +36,11 @@ def redis_server_binary() -> str:
     return str(binary)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class RedisServer:
+    """A ``redis-server`` child process; a context manager, or ``start()``/``stop()``."""
+
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="polite-redis-")
         self._process: subprocess.Popen[bytes] | None = None

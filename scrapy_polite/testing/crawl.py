@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = [
+    "BASE_SETTINGS",
+    "REACTORS",
+    "CrawlResult",
+    "child_env",
+    "crawl",
+    "finish_crawl",
+    "start_crawl",
+]
 
 REACTORS = {
     "asyncio": "twisted.internet.asyncioreactor.AsyncioSelectorReactor",
@@ -43,9 +51,12 @@ class CrawlResult:
         return self.stats.get(key, default)
 
 
-def _child_env() -> dict[str, str]:
+def child_env(path: str | Path | None = None) -> dict[str, str]:
+    """This process's environment, with *path* (default: the working directory,
+    where spiders named by import path live) first on ``PYTHONPATH``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    first = str(path or Path.cwd())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [first, env.get("PYTHONPATH")]))
     env.pop("SCRAPY_SETTINGS_MODULE", None)
     return env
 
@@ -69,9 +80,8 @@ def start_crawl(
     spec_path = workdir / "spec.json"
     spec_path.write_text(json.dumps(spec))
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.crawl", str(spec_path)],
-        cwd=ROOT,
-        env=_child_env(),
+        [sys.executable, "-m", "scrapy_polite.testing.crawl", str(spec_path)],
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -15,7 +15,7 @@ a function of the :class:`Hit` that returns a ``Reply``. Every request is
 recorded as a :class:`Hit` with its arrival time and the number of requests to
 that host in flight at that moment, so tests assert on what the site saw.
 
-Run as ``python -m tests.site`` to serve the generated pages until interrupted.
+Run as ``python -m scrapy_polite.testing.site`` to serve the generated pages until interrupted.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from scrapy_polite.testing import free_port
+
+__all__ = ["HOSTS", "Hit", "Reply", "Site", "index_body", "page_body"]
 
 # Linux's socket option for nanosecond receive timestamps (not in the socket module).
 _SO_TIMESTAMPNS = 35
@@ -160,7 +164,7 @@ class Site:
         self._close_servers()
 
     def _bind_all(self) -> None:
-        port = self.port or _free_port(self.hosts[0])
+        port = self.port or free_port(self.hosts[0])
         for host in self.hosts:
             server = _Server((host, port), _RequestHandler)
             server.site = self
@@ -340,14 +344,8 @@ def _arrival_time(connection: socket.socket) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
             seconds, nanoseconds = struct.unpack("qq", data[:16])
-            return time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9))
+            return float(time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9)))
     return time.monotonic()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:

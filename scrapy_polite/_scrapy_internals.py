@@ -1,0 +1,102 @@
+"""Every reach into Scrapy's internals, in one place, each named for the feature it serves.
+
+Scrapy gives no public hook for a component to choose a download slot's waits,
+so the delay middleware uses these. Each was checked against Scrapy 2.18.0 and
+2.19.0 (the supported range); ``tox -e floor`` runs the suite on the oldest.
+
+- :class:`PacedSlot` (subclasses ``scrapy.core.downloader.Slot``, overrides
+  ``download_delay`` and ``free_transfer_slots``, replaces ``transferring``,
+  reads ``lastseen``, ``delay``, ``queue`` and ``active``): per-domain gaps
+  drawn by a :class:`Pace`, and ``CONCURRENT_REQUESTS_PER_DOMAIN`` held on the
+  asyncio reactor.
+- :func:`install_slot` (writes ``Downloader.slots``, calls
+  ``Downloader._start_slot_gc``): every domain gets a :class:`PacedSlot`
+  before Scrapy would build a plain one.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING, Protocol
+
+from scrapy.core.downloader import Slot
+
+if TYPE_CHECKING:
+    from scrapy import Request
+    from scrapy.core.downloader import Downloader
+
+__all__ = ["Pace", "PacedSlot", "has_slot", "install_slot"]
+
+
+class Pace(Protocol):
+    """What a :class:`PacedSlot` asks of its domain."""
+
+    last_departure: float  # restored into a new slot after Scrapy dropped an idle one
+
+    def wait(self, lastseen: float, slot_delay: float) -> float:
+        """Seconds the slot must still wait after the departure at *lastseen*
+        (``time.monotonic()``); *slot_delay* is what AutoThrottle wrote."""
+
+    def started(self, now: float) -> None:
+        """A download of the slot started at *now*."""
+
+
+class PacedSlot(Slot):
+    """A download slot whose waits come from a :class:`Pace`.
+
+    Scrapy calls ``download_delay()`` each time it looks at the slot's queue and
+    holds the slot while the result, counted from ``lastseen``, is positive.
+
+    ``free_transfer_slots``: Scrapy's queue loop pops the head of the queue
+    each time it is positive, but on the asyncio reactor that download only
+    joins ``transferring`` once its task first runs, after the loop is over.
+    Counting it from the pop on keeps ``CONCURRENT_REQUESTS_PER_DOMAIN`` at the
+    site; requests that left without starting are forgotten.
+    """
+
+    __slots__ = ("_pace", "_starting")
+
+    def __init__(self, concurrency: int, pace: Pace, start_delay: float = 0.0) -> None:
+        # ``delay`` is left for AutoThrottle to write; the pace may use it.
+        super().__init__(concurrency, start_delay, 0.0)
+        self.lastseen = pace.last_departure
+        self._pace = pace
+        self._starting: set[Request] = set()
+        self.transferring = _Transferring(self._starting, pace)
+
+    def download_delay(self) -> float:
+        return self._pace.wait(self.lastseen, self.delay)
+
+    def free_transfer_slots(self) -> int:
+        starting = self._starting
+        if starting:
+            starting &= self.active
+        free = self.concurrency - len(self.transferring) - len(starting)
+        if free > 0 and self.queue:
+            starting.add(self.queue[0][0])
+        return free
+
+
+class _Transferring(set["Request"]):
+    """A slot's downloads in progress; a download that starts is no longer starting."""
+
+    def __init__(self, starting: set[Request], pace: Pace) -> None:
+        super().__init__()
+        self._starting = starting
+        self._pace = pace
+
+    def add(self, request: Request) -> None:
+        self._starting.discard(request)
+        self._pace.started(monotonic())
+        super().add(request)
+
+
+def has_slot(downloader: Downloader, key: str) -> bool:
+    """Whether the downloader has a slot for *key* now."""
+    return key in downloader.slots
+
+
+def install_slot(downloader: Downloader, key: str, slot: Slot) -> None:
+    """Make *slot* the downloader's slot for *key*, with Scrapy's idle-slot collector on."""
+    downloader.slots[key] = slot
+    downloader._start_slot_gc()
