@@ -39,7 +39,7 @@ def _changed_by_addon(user: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_addon_alone_adds_only_the_delay_middleware():
-    assert _changed_by_addon({}) == {"DOWNLOADER_MIDDLEWARES": {PoliteDelayMiddleware: 560}}
+    assert _changed_by_addon({}) == {"DOWNLOADER_MIDDLEWARES": {PoliteDelayMiddleware: 950}}
 
 
 def test_robotstxt_obey_swaps_scrapys_middleware_for_ours():
@@ -48,7 +48,7 @@ def test_robotstxt_obey_swaps_scrapys_middleware_for_ours():
         "DOWNLOADER_MIDDLEWARES": {
             RobotsTxtMiddleware: None,
             PoliteRobotsTxtMiddleware: 100,
-            PoliteDelayMiddleware: 560,
+            PoliteDelayMiddleware: 950,
         }
     }
 
@@ -79,12 +79,30 @@ def test_a_component_the_user_placed_or_disabled_is_left_as_is_and_never_added_t
     assert middlewares[path] == placed
 
 
-def test_a_user_setting_wins_over_the_addon():
-    settings = get_crawler(
-        Spider, {"ADDONS": {Addon: 100}, "HTTPCACHE_ENABLED": True, "ROBOTSTXT_OBEY": False}
-    ).settings
-    assert settings.getbool("ROBOTSTXT_OBEY") is False
-    assert settings.getpriority("ROBOTSTXT_OBEY") == 20  # the project's, not the add-on's
+EVERYTHING_ON = {
+    "ROBOTSTXT_OBEY": True,
+    "HTTPCACHE_ENABLED": True,
+    "POLITE_PROCESS_FUNCTION": "json.dumps",
+}
+
+
+def test_every_setting_the_addon_writes_keeps_the_users_own_value():
+    written = _changed_by_addon(EVERYTHING_ON)
+    assert set(written) == {"DOWNLOADER_MIDDLEWARES", "HTTPCACHE_STORAGE", "ITEM_PIPELINES"}
+    users = {
+        "DOWNLOADER_MIDDLEWARES": {"scrapy_polite.delays.PoliteDelayMiddleware": 123},
+        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.DbmCacheStorage",
+        "ITEM_PIPELINES": {"scrapy_polite.process.ProcessPipeline": 7},
+    }
+    assert set(users) == set(written)  # one user value for each setting the add-on writes
+    settings = get_crawler(Spider, {**EVERYTHING_ON, **users, "ADDONS": {Addon: 100}}).settings
+    assert settings["HTTPCACHE_STORAGE"] == users["HTTPCACHE_STORAGE"]
+    assert settings.getpriority("HTTPCACHE_STORAGE") == 20  # the project's, not the add-on's
+    middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES")
+    assert middlewares["scrapy_polite.delays.PoliteDelayMiddleware"] == 123
+    assert PoliteDelayMiddleware not in middlewares
+    pipelines = settings.getdict("ITEM_PIPELINES")
+    assert pipelines == {"scrapy_polite.process.ProcessPipeline": 7}
 
 
 def test_delays_can_be_switched_off():

@@ -357,9 +357,9 @@ def test_domain_ranges_cover_subdomains_and_the_longest_match_wins():
     config = DelayConfig.from_settings(
         Settings({"POLITE_DELAY_DOMAINS": {"example.com": [2, 5], "api.example.com": 1}})
     )
-    assert config.range_for("www.example.com") == DelayRange(2, 5)
-    assert config.range_for("v2.api.example.com") == DelayRange(1, 1)
-    assert config.range_for("notexample.com") == config.default
+    assert config.range_for("www.example.com", "www.example.com") == DelayRange(2, 5)
+    assert config.range_for("v2.api.example.com", "v2.api.example.com") == DelayRange(1, 1)
+    assert config.range_for("notexample.com", "notexample.com") == config.default
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "exponential", "lognormal"])
@@ -373,3 +373,53 @@ def test_every_distribution_keeps_its_floor_and_the_mean_of_the_range(distributi
         assert max(draws) <= 5.0
     else:
         assert max(draws) > 5.0  # a heavier tail than the range
+
+
+# -- what a Scrapy user already set ---------------------------------------------------------
+
+
+def test_download_slots_delay_jitter_and_concurrency_hold_with_the_addon_on(site: Site):
+    paced, single, free = site.hosts[:3]
+    for host in (single, free):
+        site.set_latency(host, 0.2)
+    urls = [u for host in (paced, single, free) for u in _urls(site, host, 8)]
+    result = _crawl_urls(
+        urls,
+        {
+            "POLITE_DELAY": 0,
+            "DOWNLOAD_SLOTS": json.dumps(
+                {paced: {"delay": 0.4, "jitter": 0.25}, single: {"concurrency": 1}}
+            ),
+            "CONCURRENT_REQUESTS_PER_DOMAIN": 4,
+        },
+    )
+    assert len(result.items) == 24
+    gaps = site.gaps(paced)
+    assert min(gaps) >= 0.3 - EPS, gaps  # the slot's delay 0.4 s, jitter ±25 %
+    assert statistics.mean(gaps) >= 0.35
+    assert site.max_in_flight(single) == 1
+    assert site.max_in_flight(free) > 1  # the control: the limit comes from DOWNLOAD_SLOTS
+    assert min(site.gaps(free)) < 0.1  # and the delay too
+
+
+@pytest.mark.parametrize(("polite", "scrapy"), [(1, 3), (3, 1)])
+def test_a_429_is_retried_up_to_the_larger_of_backoff_retries_and_retry_times(
+    site: Site, polite: int, scrapy: int
+):
+    host = site.hosts[0]
+    site.route(host, "/p/0", Reply(429, b"no"))
+    result = _crawl_urls(
+        _urls(site, host, 1),
+        {
+            "POLITE_DELAY": 0,
+            "POLITE_BACKOFF_DELAY": 0.02,
+            "POLITE_BACKOFF_RETRIES": polite,
+            "RETRY_TIMES": scrapy,
+            "HTTPERROR_ALLOWED_CODES": [429],
+        },
+    )
+    # Both count meta["retry_times"]; each retries while the count is under its own limit.
+    assert len(site.hits(host, "/p/0")) == 1 + max(polite, scrapy)
+    assert result.stat("polite/delay/retry/count") == polite
+    assert result.stat("retry/count", 0) == max(0, scrapy - polite)
+    assert [i["status"] for i in result.items] == [429]

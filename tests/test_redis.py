@@ -1,16 +1,30 @@
-"""Building a Redis client from settings: which URL, which timeouts, no password in logs."""
+"""The one Redis layer: which URL and timeouts, no password in logs, health, keys."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+import time
 
 import pytest
 import redis
+from redis.crc import key_slot
+from scrapy import Spider
 from scrapy.settings import Settings
+from scrapy.statscollectors import MemoryStatsCollector
+from scrapy.utils.defer import deferred_f_from_coro_f
+from scrapy.utils.test import get_crawler
 
 from scrapy_polite import PoliteSettingError
-from scrapy_polite._redis import redact, redis_from_settings, redis_url
+from scrapy_polite._redis import (
+    RedisLink,
+    RedisUnavailable,
+    domain_key,
+    redact,
+    redis_from_settings,
+    redis_url,
+)
 from scrapy_polite.testing.redis_server import RedisServer
 
 
@@ -103,3 +117,68 @@ def test_clients_never_retry_so_a_failing_call_cannot_sleep_on_the_reactor():
             client.ping()
         thread.join()
     assert len(accepted) == 1
+
+
+# -- the link: health shared by the components of a crawler -------------------------------
+def _link(url: str, interval: float = 0.2) -> tuple[RedisLink, MemoryStatsCollector]:
+    crawler = get_crawler(Spider, {"POLITE_REDIS_RETRY_INTERVAL": interval})
+    crawler.stats = MemoryStatsCollector(crawler)
+    return RedisLink.open(crawler, url, "httpcache", "the HTTP cache is skipped"), crawler.stats
+
+
+def test_an_outage_is_one_warning_skipped_calls_then_one_info_when_redis_is_back(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+):
+    link, stats = _link(redis_server.url)
+    assert link.blocking("httpcache", ("SET", "k", "v"), ("GET", "k")) == [True, b"v"]
+    redis_server.stop()
+    with caplog.at_level(logging.INFO, logger="scrapy_polite._redis"):
+        for _ in range(3):
+            with pytest.raises(RedisUnavailable):
+                link.blocking_get("httpcache", "k")
+        redis_server.start()
+        time.sleep(0.25)  # past the retry window
+        assert link.blocking_get("httpcache", "k") is None  # a new, empty server
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in messages] == ["WARNING", "INFO"], messages
+    assert "httpcache: the HTTP cache is skipped" in messages[0][1]
+    assert "answers again after" in messages[1][1]
+    assert stats.get_value("polite/redis/error") == 1
+    assert stats.get_value("polite/redis/outage") == 1
+    assert stats.get_value("polite/redis/skipped/httpcache") == 2
+
+
+def test_components_of_one_crawler_share_one_link_per_server(redis_server: RedisServer):
+    crawler = get_crawler(Spider, {})
+    first = RedisLink.open(crawler, redis_server.url, "httpcache", "a")
+    second = RedisLink.open(crawler, redis_server.url, "robots", "b")
+    other = RedisLink.open(get_crawler(Spider, {}), redis_server.url, "robots", "b")
+    assert first is second
+    assert other is not first
+    first.release()
+    assert second.blocking("robots", ("PING",)) == [True]  # still open for its other user
+    second.release()
+
+
+def test_a_command_error_is_its_reply_not_an_outage(redis_server: RedisServer):
+    link, stats = _link(redis_server.url)
+    replies = link.blocking("httpcache", ("SET", "k", "v"), ("LPUSH", "k", "x"), ("GET", "k"))
+    assert replies[0] is True
+    assert isinstance(replies[1], redis.ResponseError)
+    assert replies[2] == b"v"
+    assert stats.get_value("polite/redis/error") is None
+
+
+@deferred_f_from_coro_f
+async def test_an_awaited_call_does_not_block_and_gives_the_same_replies(redis_server: RedisServer):
+    link, _ = _link(redis_server.url)
+    assert await link.call("robots", ("SET", "k", "v"), ("GET", "k")) == [True, b"v"]
+
+
+def test_domain_keys_put_every_key_of_a_domain_in_one_cluster_hash_slot():
+    keys = [
+        domain_key("example.com", "robots", "https://example.com:443"),
+        domain_key("example.com", "pace"),
+    ]
+    assert keys[0] == "polite:{example.com}:robots:https://example.com:443"
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(b"example.com")}
