@@ -150,6 +150,7 @@ class RedisLink:
         self._skip_until = 0.0
         self._outage_since: float | None = None
         self._users = 0
+        self._registry: dict[str, RedisLink] | None = None  # the crawler's links
 
     @classmethod
     def open(cls, crawler: Crawler, url: str, component: str, fallback: str) -> RedisLink:
@@ -162,6 +163,7 @@ class RedisLink:
         link = links.get(url)
         if link is None:
             link = links[url] = cls(crawler.settings, url, crawler.stats)
+            link._registry = links
         link._fallbacks[component] = fallback
         link._users += 1
         return link
@@ -178,6 +180,8 @@ class RedisLink:
         self._users -= 1
         if self._users > 0:
             return
+        if self._registry is not None and self._registry.get(self.url) is self:
+            del self._registry[self.url]
         self._reader.disconnect()  # type: ignore[no-untyped-call]
         self.client.close()
         if self._aio is not None:

@@ -99,6 +99,7 @@ logger = logging.getLogger(__name__)
 sitemaps_found = object()
 
 _REDIS_POLL = 0.1  # seconds between two looks at Redis while another process fetches
+_DOWNLOAD_PRIORITY = 1000  # robots.txt requests go before the pages that wait for them
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,6 @@ class _Origin:
 
 class PoliteRobotsTxtMiddleware:
     """Downloader middleware that obeys each origin's robots.txt as RFC 9309 says."""
-
-    DOWNLOAD_PRIORITY = 1000
 
     def __init__(self, crawler: Crawler) -> None:
         if not get_bool(crawler.settings, "ROBOTSTXT_OBEY", False):
@@ -446,7 +445,7 @@ class PoliteRobotsTxtMiddleware:
         """The result another crawler stored, or our own fetch (then stored)."""
         store = self._store
         if store is None:
-            return await self._fetch(origin)
+            return await _fetch(self.crawler, origin.key, self.config.timeout)
         try:
             while True:
                 claim = await store.claim(origin.host, origin.key)
@@ -461,61 +460,12 @@ class PoliteRobotsTxtMiddleware:
                     break
                 await _sleep(_REDIS_POLL)
         except RedisUnavailable:
-            return await self._fetch(origin)
-        outcome = await self._fetch(origin)
+            return await _fetch(self.crawler, origin.key, self.config.timeout)
+        outcome = await _fetch(self.crawler, origin.key, self.config.timeout)
         retry_in = self.config.backoff(origin.attempts + 1)
         with contextlib.suppress(RedisUnavailable):  # our result stays in this process
             await store.publish(origin.host, origin.key, claim.lock, outcome, retry_in)
         return outcome
-
-    async def _fetch(self, origin: _Origin) -> Outcome:
-        """Download the origin's robots.txt (following up to five redirects)."""
-        url = origin.key + "/robots.txt"
-        for _ in range(MAX_REDIRECTS + 1):
-            request = Request(
-                url,
-                priority=self.DOWNLOAD_PRIORITY,
-                callback=NO_CALLBACK,
-                dont_filter=True,
-                meta={
-                    "dont_obey_robotstxt": True,
-                    "dont_cache": True,  # the HTTP cache must never serve an old robots.txt
-                    "dont_redirect": True,  # followed here, up to five hops
-                    "dont_retry": True,  # tried again here, after a back-off
-                    "allow_offsite": True,
-                    "download_timeout": self.config.timeout,
-                },
-            )
-            engine = self.crawler.engine
-            assert engine is not None
-            try:
-                response = await engine.download_async(request)
-            except IgnoreRequest as exc:
-                logger.info("robots.txt request %s was dropped (%s): allowing all", url, exc)
-                return Outcome("unavailable", f"dropped: {exc}")
-            except Exception as exc:
-                self._stats.inc_value("polite/robots/fetch/error")
-                return Outcome("unreachable", type(exc).__name__)
-            self._stats.inc_value(f"polite/robots/fetch/{response.status // 100}xx")
-            outcome = outcome_of_status(response.status, response.body)
-            if outcome is not None:
-                if outcome.truncated:
-                    self._stats.inc_value("polite/robots/truncated")
-                    logger.info(
-                        "robots.txt of %s is %d bytes: only its first %d are read",
-                        origin.key,
-                        len(response.body),
-                        MAX_SIZE,
-                    )
-                return outcome
-            location = response.headers.get(b"Location")
-            if not location:
-                return Outcome("unavailable", f"{response.status} without Location")
-            url = response.urljoin(location.decode("latin-1"))
-            if not url.startswith(("http://", "https://")):
-                return Outcome("unavailable", f"{response.status} to {url}")
-        self._stats.inc_value("polite/robots/fetch/too_many_redirects")
-        return Outcome("unavailable", f"more than {MAX_REDIRECTS} redirects")
 
     # -- life cycle ---------------------------------------------------------------------
     def _keep_open(self, spider: Spider | None = None) -> None:
@@ -542,6 +492,57 @@ class PoliteRobotsTxtMiddleware:
             )
         if self._store is not None:
             self._store.link.release()
+
+
+async def _fetch(crawler: Crawler, origin: str, timeout: float) -> Outcome:
+    """Download the robots.txt of *origin* through the engine, following up to five redirects."""
+    stats, engine = crawler.stats, crawler.engine
+    assert stats is not None
+    assert engine is not None
+    url = origin + "/robots.txt"
+    for _ in range(MAX_REDIRECTS + 1):
+        request = Request(
+            url,
+            priority=_DOWNLOAD_PRIORITY,
+            callback=NO_CALLBACK,
+            dont_filter=True,
+            meta={
+                "dont_obey_robotstxt": True,
+                "dont_cache": True,  # the HTTP cache must never serve an old robots.txt
+                "dont_redirect": True,  # followed here, up to five hops
+                "dont_retry": True,  # tried again here, after a back-off
+                "allow_offsite": True,
+                "download_timeout": timeout,
+            },
+        )
+        try:
+            response = await engine.download_async(request)
+        except IgnoreRequest as exc:
+            logger.info("robots.txt request %s was dropped (%s): allowing all", url, exc)
+            return Outcome("unavailable", f"dropped: {exc}")
+        except Exception as exc:
+            stats.inc_value("polite/robots/fetch/error")
+            return Outcome("unreachable", type(exc).__name__)
+        stats.inc_value(f"polite/robots/fetch/{response.status // 100}xx")
+        outcome = outcome_of_status(response.status, response.body)
+        if outcome is not None:
+            if outcome.truncated:
+                stats.inc_value("polite/robots/truncated")
+                logger.info(
+                    "robots.txt of %s is %d bytes: only its first %d are read",
+                    origin,
+                    len(response.body),
+                    MAX_SIZE,
+                )
+            return outcome
+        location = response.headers.get(b"Location")
+        if not location:
+            return Outcome("unavailable", f"{response.status} without Location")
+        url = response.urljoin(location.decode("latin-1"))
+        if not url.startswith(("http://", "https://")):
+            return Outcome("unavailable", f"{response.status} to {url}")
+    stats.inc_value("polite/robots/fetch/too_many_redirects")
+    return Outcome("unavailable", f"more than {MAX_REDIRECTS} redirects")
 
 
 # -- Twisted helpers, importing the reactor only once it is installed ------------------
