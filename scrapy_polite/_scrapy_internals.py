@@ -11,11 +11,17 @@ so the delay middleware uses these. Each was checked against Scrapy 2.18.0 and
   asyncio reactor.
 - :func:`install_slot` (writes ``Downloader.slots``, calls
   ``Downloader._start_slot_gc``): every domain gets a :class:`PacedSlot`
-  before Scrapy would build a plain one.
+  before Scrapy would build a plain one. It returns the slot's wake-up
+  (cancels ``Slot.latercall``, calls ``Downloader._process_queue``): a pace that
+  learns a new departure time (an answer from the cluster's Redis) must wake
+  the slot, which otherwise sleeps until the old time.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from functools import partial
 from time import monotonic
 from typing import TYPE_CHECKING, Protocol
 
@@ -33,9 +39,10 @@ class Pace(Protocol):
 
     last_departure: float  # restored into a new slot after Scrapy dropped an idle one
 
-    def wait(self, lastseen: float, slot_delay: float) -> float:
+    def wait(self, lastseen: float, slot_delay: float, ready: bool) -> float:
         """Seconds the slot must still wait after the departure at *lastseen*
-        (``time.monotonic()``); *slot_delay* is what AutoThrottle wrote."""
+        (``time.monotonic()``); *slot_delay* is what AutoThrottle wrote; *ready*:
+        a request is queued and the slot may start one now."""
 
     def started(self, now: float) -> None:
         """A download of the slot started at *now*."""
@@ -65,7 +72,10 @@ class PacedSlot(Slot):
         self.transferring = _Transferring(self._starting, pace)
 
     def download_delay(self) -> float:
-        return self._pace.wait(self.lastseen, self.delay)
+        ready = bool(self.queue) and (
+            self.concurrency - len(self.transferring) - len(self._starting & self.active) > 0
+        )
+        return self._pace.wait(self.lastseen, self.delay, ready)
 
     def free_transfer_slots(self) -> int:
         starting = self._starting
@@ -96,7 +106,17 @@ def has_slot(downloader: Downloader, key: str) -> bool:
     return key in downloader.slots
 
 
-def install_slot(downloader: Downloader, key: str, slot: Slot) -> None:
-    """Make *slot* the downloader's slot for *key*, with Scrapy's idle-slot collector on."""
+def install_slot(downloader: Downloader, key: str, slot: Slot) -> Callable[[], None]:
+    """Make *slot* the downloader's slot for *key*, with Scrapy's idle-slot collector on;
+    return a function that wakes the slot now (to look at its queue again)."""
     downloader.slots[key] = slot
     downloader._start_slot_gc()
+    return partial(_wake, downloader, slot)
+
+
+def _wake(downloader: Downloader, slot: Slot) -> None:
+    if slot.latercall is not None:
+        with contextlib.suppress(Exception):  # it may have just fired
+            slot.latercall.cancel()
+        slot.latercall = None
+    downloader._process_queue(slot)

@@ -25,6 +25,7 @@ from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
 from scrapy_polite._redis import redact, redis_url
+from scrapy_polite.cluster import cluster_enabled
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -39,6 +40,8 @@ DELAY_MIDDLEWARE = "scrapy_polite.delays.PoliteDelayMiddleware"
 ROBOTS_MIDDLEWARE = "scrapy_polite.robots.PoliteRobotsTxtMiddleware"
 CACHE_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
 PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
+CLUSTER_QUEUE = "scrapy_polite.cluster.DomainQueue"
+CLUSTER_SERIALIZER = "scrapy_polite.serializer"
 
 DELAY_PRIORITY = 950
 ROBOTS_PRIORITY = 100
@@ -60,6 +63,7 @@ class Addon:
         enabled.append(self._enable_robots(settings))
         enabled.append(self._enable_cache(settings))
         enabled.append(self._enable_process(settings))
+        enabled.append(self._enable_cluster(settings))
         logger.info("scrapy-polite: %s", "; ".join(enabled))
 
     def _enable_delays(self, settings: BaseSettings) -> str:
@@ -101,6 +105,21 @@ class Addon:
             return "process pipeline off (POLITE_PROCESS_FUNCTION)"
         _add_component(settings, "ITEM_PIPELINES", PROCESS_PIPELINE, PROCESS_PRIORITY)
         return f"process pipeline on ({settings.get('POLITE_PROCESS_FUNCTION')})"
+
+
+    def _enable_cluster(self, settings: BaseSettings) -> str:
+        if not cluster_enabled(settings):
+            return "cluster mode off (POLITE_CLUSTER, scrapy-redis's SCHEDULER)"
+        for name, value in (
+            ("SCHEDULER_QUEUE_CLASS", CLUSTER_QUEUE),
+            ("SCHEDULER_SERIALIZER", CLUSTER_SERIALIZER),
+            # scrapy-redis's default (False) makes the first worker to finish flush the queue.
+            ("SCHEDULER_PERSIST", True),
+        ):
+            if (settings.getpriority(name) or 0) <= SETTINGS_PRIORITIES["default"]:
+                settings.set(name, value, priority="addon")
+        url = redis_url(settings, "POLITE_CLUSTER_REDIS_URL")
+        return f"cluster mode on ({redact(url) if url else '?'}: shared pace, domain-aware queue)"
 
 
 def _add_component(settings: BaseSettings, name: str, path: str, priority: int) -> None:

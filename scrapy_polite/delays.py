@@ -25,6 +25,7 @@ a cached response is served before the domain's turn and never waits, and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,8 +39,11 @@ from typing import TYPE_CHECKING, Any
 from scrapy import signals
 from scrapy.downloadermiddlewares.retry import get_retry_request
 from scrapy.exceptions import NotConfigured
+from scrapy.utils.asyncio import call_later
+from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.httpobj import urlparse_cached
 
+from scrapy_polite._redis import RedisUnavailable
 from scrapy_polite._scrapy_internals import PacedSlot, has_slot, install_slot
 from scrapy_polite._settings import (
     PoliteSettingError,
@@ -51,13 +55,17 @@ from scrapy_polite._settings import (
     get_int,
     robots_user_agent,
 )
+from scrapy_polite.cluster import ClusterConfig, SharedPace, cluster_enabled
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
+
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Response
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
+    from scrapy.utils.asyncio import CallLaterResult
     from typing_extensions import Self
 
 __all__ = ["DISTRIBUTIONS", "DelayConfig", "DelayRange", "PoliteDelayMiddleware"]
@@ -294,6 +302,8 @@ class _DomainPace:
         "last_start",
         "range",
         "revision",
+        "wake",
+        "widen",
     )
 
     def __init__(
@@ -318,6 +328,8 @@ class _DomainPace:
         self._drawn_for = (-1.0, -1)
         self._gap = 0.0
         self._reported: float | None = None
+        self.widen = 1.0  # gaps times this: the live workers, while a cluster paces alone
+        self.wake: Callable[[], None] = _nothing  # wakes the domain's slot (set with it)
 
     def floor(self) -> float:
         return max(self.range.low, self.crawl_delay)
@@ -326,7 +338,7 @@ class _DomainPace:
         """Make the next gap be drawn again, with what was just learnt."""
         self.revision += 1
 
-    def wait(self, lastseen: float, slot_delay: float) -> float:
+    def wait(self, lastseen: float, slot_delay: float, ready: bool = True) -> float:
         if self._drawn_for != (lastseen, self.revision):
             self._drawn_for = (lastseen, self.revision)
             self.last_departure = lastseen
@@ -346,15 +358,156 @@ class _DomainPace:
     def _draw(self, slot_delay: float) -> float:
         floor = self.floor()
         if floor >= self.range.high and not self.backoff and not slot_delay:
-            gap = min(floor, self.cap)  # a fixed gap (0 included): nothing to draw
+            gap = min(floor * self.widen, self.cap)  # a fixed gap (0 included): nothing to draw
         else:
             # AutoThrottle's slot delay can raise a gap, never lower it.
             gap = max(self.range.raised_to(floor).draw(self._rng), slot_delay) + self.backoff
-            gap = min(max(gap, floor), self.cap)
+            gap = min(max(gap, floor) * self.widen, self.cap)
         if gap != self._reported:  # a stat write per departure would cost the crawl
             self._reported = gap
             self._stats.set_value(f"polite/delay/current/{self.key}", round(gap, 3))
         return gap
+
+
+class _SharedDomainPace(_DomainPace):
+    """A domain's pace in cluster mode: each departure is reserved in Redis.
+
+    When its slot has a request ready, :meth:`wait` parks the slot and asks
+    :class:`~scrapy_polite.cluster.SharedPace` for the domain's next departure
+    (one atomic script on the Redis server's clock); the answer wakes the slot,
+    which leaves at the reserved time. A reservation more than
+    ``_CONFIRM_AHEAD`` seconds ahead is confirmed just before it is used, so a
+    ``Retry-After`` another worker learnt meanwhile still holds it back. While
+    Redis is unreachable the domain is paced here alone, gaps times the live
+    workers last seen.
+    """
+
+    __slots__ = (
+        "_alone_until",
+        "_asking",
+        "_confirm",
+        "_grant_at",
+        "_grant_for",
+        "_learnt",
+        "_retry_interval",
+        "_shared",
+        "_start_us",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        delay_range: DelayRange,
+        cap: float,
+        rng: random.Random,
+        stats: StatsCollector,
+        shared: SharedPace,
+        learnt: Callable[[_DomainPace], None],
+        retry_interval: float,
+    ) -> None:
+        super().__init__(key, delay_range, cap, rng, stats)
+        self._shared = shared
+        self._learnt = learnt  # tells the middleware the domain backs off
+        self._retry_interval = retry_interval
+        self._asking = False
+        self._grant_for: float | None = None  # the slot's lastseen the grant is for
+        self._grant_at = 0.0
+        self._start_us = 0  # the grant's departure, on the Redis server's clock
+        self._alone_until = 0.0
+        self._confirm: CallLaterResult | None = None
+
+    def wait(self, lastseen: float, slot_delay: float, ready: bool = True) -> float:
+        if monotonic() < self._alone_until:
+            self.widen = float(self._shared.workers)
+            return super().wait(lastseen, slot_delay, ready)
+        hold = self.hold_until - lastseen
+        if self._grant_for == lastseen:
+            return max(self._grant_at - lastseen, hold, _TINY)
+        if not ready:
+            return 0.0  # nothing can leave: no reservation for nothing
+        if not self._asking:
+            self._asking = True
+            floor = self.floor()
+            gap = max(self.range.raised_to(floor).draw(self._rng), slot_delay, floor)
+            _spawn(self._reserve(lastseen, gap), f"reserving a departure to {self.key}")
+        return monotonic() - lastseen + _PARKED  # counted from lastseen, like every wait
+
+    def void(self) -> None:
+        """Forget the reserved departure (the domain must slow down): ask again."""
+        self._grant_for = None
+        self._cancel_confirm()
+        self.wake()
+
+    async def _reserve(self, lastseen: float, gap: float) -> None:
+        try:
+            grant = await self._shared.reserve(self.key, gap, self.cap)
+        except RedisUnavailable:
+            self._alone(lastseen)
+            return
+        finally:
+            self._asking = False
+        if grant.crawl_delay > self.crawl_delay:
+            self.crawl_delay = grant.crawl_delay
+        if grant.backoff != self.backoff:
+            self.backoff = grant.backoff
+            self._learnt(self)
+        now = monotonic()
+        # Never closer than the floor to this worker's own last departure either
+        # (it paced alone a moment ago, or Redis lost its state).
+        own = lastseen + self.floor() if lastseen else 0.0
+        self._grant_at = max(now + grant.wait, own)
+        self._grant_for = lastseen
+        self._start_us = grant.start_us
+        self._stats.inc_value("polite/cluster/reserved")
+        if self._grant_at - now > _CONFIRM_AHEAD:
+            self._cancel_confirm()
+            self._confirm = call_later(
+                self._grant_at - now - _CONFIRM_AHEAD, self._confirm_later, lastseen
+            )
+        self.wake()
+
+    def _confirm_later(self, lastseen: float) -> None:
+        self._confirm = None
+        _spawn(self._confirm_grant(lastseen), f"confirming a departure to {self.key}")
+
+    async def _confirm_grant(self, lastseen: float) -> None:
+        try:
+            held = await self._shared.held_past(self.key, self._start_us)
+        except RedisUnavailable:
+            return  # keep the reservation: Redis can hold nothing back now
+        if held and self._grant_for == lastseen:
+            self._stats.inc_value("polite/cluster/voided")
+            self.void()
+
+    def _alone(self, lastseen: float) -> None:
+        if monotonic() >= self._alone_until:
+            self._stats.inc_value("polite/cluster/alone")
+        self._alone_until = monotonic() + self._retry_interval
+        self._drawn_for = (-1.0, -1)  # draw this departure's gap again, widened
+        self.wake()
+
+    def _cancel_confirm(self) -> None:
+        if self._confirm is not None:
+            self._confirm.cancel()
+            self._confirm = None
+
+
+# A slot waiting for Redis's answer parks this long; the answer wakes it sooner.
+_PARKED = 60.0
+# A positive wait: Scrapy starts one request per wake-up only while the wait is non-zero.
+_TINY = 1e-6
+# A reservation further ahead than this is confirmed this long before it is used.
+_CONFIRM_AHEAD = 0.05
+
+
+def _nothing() -> None:
+    pass
+
+
+def _spawn(coro: Coroutine[Any, Any, None], what: str) -> None:
+    deferred_from_coro(coro).addErrback(
+        lambda failure: logger.error("Failed %s", what, exc_info=failure.value)
+    )
 
 
 class PoliteDelayMiddleware:
@@ -379,6 +532,12 @@ class PoliteDelayMiddleware:
         self._rng = random.Random()
         self._domains: dict[str, _DomainPace] = {}
         self._backed_off: dict[str, _DomainPace] = {}  # domains with an extra delay
+        self._shared: SharedPace | None = None
+        self._heartbeat: Any = None
+        if cluster_enabled(crawler.settings):
+            self._shared = SharedPace(crawler, ClusterConfig.from_settings(crawler.settings))
+            crawler.signals.connect(self._start_heartbeat, signal=signals.spider_opened)
+            crawler.signals.connect(self._leave, signal=signals.spider_closed)
         crawler.signals.connect(self._robots_parsed, signal=signals.robots_parsed)
 
     @classmethod
@@ -396,17 +555,35 @@ class PoliteDelayMiddleware:
             key, downloader.ip_concurrency or downloader.domain_concurrency
         )
         start = self.config.autothrottle_start_delay if self.config.autothrottle else 0.0
-        slot = PacedSlot(concurrency, self._pace(key, request), start)
-        install_slot(downloader, key, slot)
+        pace = self._pace(key, request)
+        pace.wake = install_slot(downloader, key, PacedSlot(concurrency, pace, start))
 
     def _pace(self, key: str, request: Request) -> _DomainPace:
         pace = self._domains.get(key)
         if pace is None:
             host = urlparse_cached(request).hostname or key
             delay_range = self.config.range_for(key, host)
-            pace = _DomainPace(key, delay_range, self.config.cap, self._rng, self._stats)
+            if self._shared is None:
+                pace = _DomainPace(key, delay_range, self.config.cap, self._rng, self._stats)
+            else:
+                pace = _SharedDomainPace(
+                    key,
+                    delay_range,
+                    self.config.cap,
+                    self._rng,
+                    self._stats,
+                    self._shared,
+                    self._backing_off,
+                    self._shared.retry_interval,
+                )
             self._domains[key] = pace
         return pace
+
+    def _backing_off(self, pace: _DomainPace) -> None:
+        if pace.backoff:
+            self._backed_off[pace.key] = pace
+        else:
+            self._backed_off.pop(pace.key, None)
 
     # -- responses ----------------------------------------------------------------
     def process_response(
@@ -442,6 +619,9 @@ class PoliteDelayMiddleware:
         if pace.backoff < _NEGLIGIBLE:
             pace.backoff = 0.0
             del self._backed_off[pace.key]
+        if self._shared is not None:
+            recover = self._shared.recover(pace.key, self.config.backoff_recovery)
+            _spawn(_shared_call(recover), f"sharing a recovery of {pace.key}")
 
     def _back_off(self, pace: _DomainPace, response: Response) -> None:
         retry_after = _retry_after(response.headers.get(b"Retry-After"))
@@ -463,6 +643,13 @@ class PoliteDelayMiddleware:
         if retry_after:
             pace.hold_until = max(pace.hold_until, monotonic() + retry_after)
         pace.slow_down()
+        if self._shared is not None and isinstance(pace, _SharedDomainPace):
+            c = self.config
+            back_off = self._shared.back_off(
+                pace.key, c.backoff_delay, c.backoff_factor, cap, retry_after or 0.0
+            )
+            _spawn(_shared_call(back_off), f"sharing a back-off of {pace.key}")
+            pace.void()
         self._stats.inc_value("polite/delay/backoff")
         self._stats.inc_value(f"polite/delay/backoff/{pace.key}")
         self._stats.set_value(f"polite/delay/extra/{pace.key}", round(pace.backoff, 3))
@@ -501,11 +688,44 @@ class PoliteDelayMiddleware:
             seconds = self.config.cap
         pace.crawl_delay = seconds
         pace.slow_down()
+        if self._shared is not None:
+            share = self._shared.set_crawl_delay(pace.key, seconds)
+            _spawn(_shared_call(share), f"sharing the Crawl-delay of {pace.key}")
         # The gap after the robots.txt request was drawn when it left, under the old
         # floor: hold the domain for the new floor from the moment it is known.
         pace.hold_until = max(pace.hold_until, monotonic() + seconds)
         self._stats.set_value(f"polite/delay/crawl_delay/{pace.key}", seconds)
         logger.info("%s: Crawl-delay %.2f s is now its delay floor", pace.key, seconds)
+
+    # -- cluster ---------------------------------------------------------------------
+    def _start_heartbeat(self, spider: Spider | None = None) -> None:
+        from twisted.internet.task import LoopingCall
+
+        shared = self._shared
+        assert shared is not None
+        self._heartbeat = LoopingCall(lambda: _spawn(_shared_call(shared.heartbeat()), "heartbeat"))
+        self._heartbeat.start(shared.config.heartbeat, now=True)
+        logger.info(
+            "Cluster mode: pacing every domain with the other workers through Redis at %s "
+            "(worker %s)",
+            shared.shown_url,
+            shared.worker,
+        )
+
+    async def _leave(self, spider: Spider | None = None) -> None:
+        shared = self._shared
+        assert shared is not None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        with contextlib.suppress(RedisUnavailable):
+            await shared.leave()
+        shared.release()
+
+
+async def _shared_call(call: Coroutine[Any, Any, Any]) -> None:
+    """Run a call to the shared pace whose failure the Redis layer already reported."""
+    with contextlib.suppress(RedisUnavailable):
+        await call
 
 
 def _retry_after(value: bytes | None) -> float | None:

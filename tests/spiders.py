@@ -40,3 +40,22 @@ def _item(response: Response) -> dict[str, Any]:
         "title": response.css("title::text").get(),
         "length": len(response.body),
     }
+
+
+class SharedSpider(PagesSpider):
+    """:class:`PagesSpider` for a crawl shared by several workers (scrapy-redis).
+
+    Its start requests go through the shared dupefilter, so however many workers
+    start, each start URL is fetched once; every page's links are followed.
+    """
+
+    name = "shared"
+
+    async def start(self) -> Any:
+        for url in self.start_urls:
+            yield scrapy.Request(url, callback=self.parse)
+
+    def parse(self, response: Response) -> Iterator[Any]:
+        yield _item(response)
+        if hasattr(response, "css"):
+            yield from response.follow_all(css="a::attr(href)", callback=self.parse)

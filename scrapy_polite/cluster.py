@@ -1,0 +1,530 @@
+"""A scrapy-redis cluster that looks, from each site, like one polite client.
+
+Cluster mode is on when scrapy-redis's scheduler is configured and a Redis URL
+is known (``POLITE_CLUSTER = "auto"``, the default), or when
+``POLITE_CLUSTER = True``. Then, on the Redis that scrapy-polite uses:
+
+- **Shared pace** (:class:`SharedPace`). Each domain has one hash,
+  ``polite:{domain}:pace``: the next free departure, the hold of a
+  ``Retry-After``, the back-off's extra delay and the ``Crawl-delay``, all in
+  microseconds of the Redis server's clock (workers on different machines
+  disagree on the time; one server's clock does not). Before a request leaves
+  its download slot, the worker reserves its departure with one atomic script:
+  the departure is the later of now, the domain's next free one and its hold,
+  and the next free one moves one gap (drawn by the worker, from the domain's
+  range and distribution) past it. So the gaps between two requests to a
+  domain hold across every worker, whatever their number, with the
+  distribution the domain asked for.
+- **Shared signals.** A ``Crawl-delay``, a 429/503 and its ``Retry-After``
+  are written to the domain's hash by the worker that learns them, and count
+  in every worker's next reservation; successes shrink the back-off for all.
+- **Workers.** Each worker renews its entry in ``polite:cluster:<spider>:workers``
+  (a sorted set of expiry times). While Redis is unreachable a worker paces each
+  domain alone, its gaps widened by the number of live workers it last saw, so
+  the site still sees about the configured rate; it rejoins the shared pace when
+  Redis answers.
+- **A domain-aware queue** (:class:`DomainQueue`, scrapy-redis's
+  ``SCHEDULER_QUEUE_CLASS``). One queue per domain, and a sorted set of domains
+  by when each may next be handed out, so a worker is handed the requests of
+  domains that are ready, not a backlog parked behind a slow one. Every request
+  handed out is leased to its worker until it leaves the downloader; a worker
+  that stops hands its leases back, and the leases of a worker that died
+  return to the queue once it has missed ``POLITE_CLUSTER_LEASE`` seconds of
+  heartbeats.
+- **No pickle.** :mod:`scrapy_polite.serializer` stores requests as JSON.
+
+The add-on places the queue and the serializer unless you chose your own, and
+sets ``SCHEDULER_PERSIST = True`` (with ``False`` the first worker to finish
+would flush the others' queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from scrapy import signals
+from scrapy.utils.misc import load_object
+from scrapy.utils.request import request_from_dict
+
+from scrapy_polite._redis import RedisLink, RedisUnavailable, domain_key, redis_url
+from scrapy_polite._settings import PoliteSettingError, get_float
+
+if TYPE_CHECKING:
+    from scrapy import Request, Spider
+    from scrapy.crawler import Crawler
+    from scrapy.settings import BaseSettings
+    from typing_extensions import Self
+
+__all__ = [
+    "SCRAPY_REDIS_SCHEDULER",
+    "ClusterConfig",
+    "DomainQueue",
+    "Grant",
+    "SharedPace",
+    "cluster_enabled",
+    "workers_key",
+]
+
+logger = logging.getLogger(__name__)
+
+COMPONENT = "cluster"
+SCRAPY_REDIS_SCHEDULER = "scrapy_redis.scheduler.Scheduler"
+URL_SETTING = "POLITE_CLUSTER_REDIS_URL"
+_US = 1_000_000
+
+# -- settings ---------------------------------------------------------------------------
+
+
+def cluster_enabled(settings: BaseSettings) -> bool:
+    """Whether cluster mode is on (``POLITE_CLUSTER``: ``"auto"``, true or false)."""
+    raw = settings.get("POLITE_CLUSTER", "auto")
+    if raw == "auto" or raw is None:
+        scheduler = settings.get("SCHEDULER")
+        path = scheduler if isinstance(scheduler, str) else _path(scheduler)
+        return path == SCRAPY_REDIS_SCHEDULER and redis_url(settings, URL_SETTING) is not None
+    try:
+        return settings.getbool("POLITE_CLUSTER")
+    except ValueError:
+        raise PoliteSettingError("POLITE_CLUSTER", raw, '"auto", true or false') from None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Every setting of cluster mode, read and validated once."""
+
+    url: str
+    lease: float  # seconds a worker's heartbeat (and its leases) lasts
+    heartbeat: float  # seconds between two heartbeats
+
+    @classmethod
+    def from_settings(cls, settings: BaseSettings) -> Self:
+        url = redis_url(settings, URL_SETTING)
+        if url is None:
+            raise PoliteSettingError(
+                URL_SETTING,
+                None,
+                "a Redis URL for cluster mode (or POLITE_REDIS_URL, or scrapy-redis's REDIS_URL)",
+            )
+        lease = get_float(settings, "POLITE_CLUSTER_LEASE", 30.0, minimum=1, maximum=86400)
+        return cls(url=url, lease=lease, heartbeat=lease / 3)
+
+
+# -- the shared pace --------------------------------------------------------------------
+
+# Times are microseconds of the Redis server's clock; gaps and delays microseconds.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+"""
+_RESERVE = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'next', 'hold', 'backoff', 'crawl_delay')
+local nxt, hold = tonumber(f[1]) or 0, tonumber(f[2]) or 0
+local backoff, cd = tonumber(f[3]) or 0, tonumber(f[4]) or 0
+local gap = math.min(math.max(tonumber(ARGV[1]), cd) + backoff, tonumber(ARGV[2]))
+local start = math.max(now, nxt, hold)
+redis.call('HSET', KEYS[1], 'next', start + gap, 'gap', gap)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {start - now, backoff, cd, start}
+"""
+)
+_BACK_OFF = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'backoff', 'hold')
+local backoff = math.max((tonumber(f[1]) or 0) * tonumber(ARGV[2]), tonumber(ARGV[1]))
+backoff = math.min(backoff, tonumber(ARGV[3]))
+local hold = math.max(tonumber(f[2]) or 0, now + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'backoff', backoff, 'hold', hold)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return backoff
+"""
+)
+_HELD_PAST = """
+return (tonumber(redis.call('HGET', KEYS[1], 'hold')) or 0) > tonumber(ARGV[1]) and 1 or 0
+"""
+_RECOVER = """
+local backoff = (tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0) * tonumber(ARGV[1])
+if backoff < 1000 then backoff = 0 end
+redis.call('HSET', KEYS[1], 'backoff', backoff)
+return backoff
+"""
+_CRAWL_DELAY = (
+    _NOW
+    + """
+local cd = tonumber(ARGV[1])
+local nxt = math.max(tonumber(redis.call('HGET', KEYS[1], 'next')) or 0, now + cd)
+redis.call('HSET', KEYS[1], 'crawl_delay', cd, 'next', nxt)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return cd
+"""
+)
+_HEARTBEAT = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A reserved departure: leave in ``wait`` seconds; what the domain's hash said."""
+
+    wait: float
+    backoff: float
+    crawl_delay: float
+    start_us: int  # the departure on the Redis server's clock
+
+
+class SharedPace:
+    """The cluster's pace of every domain, in Redis; one per crawler.
+
+    Every method may raise :class:`~scrapy_polite._redis.RedisUnavailable`:
+    the caller then paces the domain alone (:attr:`workers` wide).
+    """
+
+    def __init__(self, crawler: Crawler, config: ClusterConfig) -> None:
+        self.config = config
+        self.worker = _worker_id(crawler)
+        self.workers = 1  # live workers last seen, this one included
+        self._link = RedisLink.open(
+            crawler,
+            config.url,
+            COMPONENT,
+            "each worker paces its domains alone, its gaps widened by the live workers",
+        )
+        self._workers_key = workers_key(crawler.settings, crawler.spidercls.name)
+        self._ttl_ms = int(max(3600.0, 10 * config.lease) * 1000)  # idle domains expire
+        self._stats = crawler.stats
+        self.retry_interval = self._link.retry_interval
+        self.shown_url = self._link.shown_url
+
+    async def reserve(self, domain: str, gap: float, cap: float) -> Grant:
+        """Reserve the domain's next departure, *gap* (seconds) before the one after."""
+        wait, backoff, crawl_delay, start = await self._script(
+            _RESERVE, domain, int(gap * _US), int(cap * _US), self._ttl_ms
+        )
+        return Grant(int(wait) / _US, int(backoff) / _US, int(crawl_delay) / _US, int(start))
+
+    async def held_past(self, domain: str, start_us: int) -> bool:
+        """Whether a hold (``Retry-After``) learnt since covers the departure at *start_us*."""
+        return bool(await self._script(_HELD_PAST, domain, start_us))
+
+    async def back_off(
+        self, domain: str, base: float, factor: float, cap: float, retry_after: float
+    ) -> float:
+        """A slow-down answer: grow the domain's back-off, hold it for *retry_after*."""
+        backoff = await self._script(
+            _BACK_OFF,
+            domain,
+            int(base * _US),
+            factor,
+            int(cap * _US),
+            int(retry_after * _US),
+            self._ttl_ms,
+        )
+        return int(backoff) / _US
+
+    async def recover(self, domain: str, recovery: float) -> float:
+        """A success: shrink the domain's back-off."""
+        return int(await self._script(_RECOVER, domain, recovery)) / _US
+
+    async def set_crawl_delay(self, domain: str, seconds: float) -> None:
+        """robots.txt's ``Crawl-delay``: a floor for every worker, from now on."""
+        await self._script(_CRAWL_DELAY, domain, int(seconds * _US), self._ttl_ms)
+
+    async def heartbeat(self) -> int:
+        """Say this worker is alive; return how many are."""
+        lease_us = int(self.config.lease * _US)
+        (live,) = await self._link.call(
+            COMPONENT,
+            ("EVAL", _HEARTBEAT, 1, self._workers_key, self.worker, lease_us),
+        )
+        self.workers = max(1, int(live))
+        if self._stats is not None:
+            self._stats.max_value("polite/cluster/workers_max", self.workers)
+        return self.workers
+
+    async def leave(self) -> None:
+        """This worker stops: take it off the list at once."""
+        await self._link.call(COMPONENT, ("ZREM", self._workers_key, self.worker))
+
+    def release(self) -> None:
+        self._link.release()
+
+    async def _script(self, script: str, domain: str, *args: Any) -> Any:
+        (reply,) = await self._link.call(
+            COMPONENT, ("EVAL", script, 1, domain_key(domain, "pace"), *args)
+        )
+        if isinstance(reply, Exception):  # a script error: nothing to share through
+            raise RedisUnavailable(f"cluster script failed: {reply}")
+        if self._stats is not None:
+            self._stats.inc_value("polite/cluster/redis_calls")
+        return reply
+
+
+# -- the domain-aware queue -------------------------------------------------------------
+
+_PUSH = (
+    _NOW
+    + """
+if redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2]) == 1 then redis.call('INCR', KEYS[4]) end
+redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('HSET', KEYS[3], 'hint', ARGV[4]) end
+return 1
+"""
+)
+# KEYS: domains, leased hash, workers, lease counter, size; ARGV: queue key, worker,
+# lease (us), horizon (us), acked lease ids...
+_POP = (
+    _NOW
+    + """
+local done = 0
+for i = 5, #ARGV do done = done + redis.call('HDEL', KEYS[2], ARGV[i]) end
+if done > 0 then redis.call('DECRBY', KEYS[5], done) end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
+for _ = 1, 8 do
+  local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+  if #ready == 0 then
+    ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + tonumber(ARGV[4]), 'LIMIT', 0, 1)
+  end
+  if #ready == 0 then return nil end
+  local d = ready[1]
+  local q = 'polite:{' .. d .. '}:queue:' .. ARGV[1]
+  local item = redis.call('ZPOPMIN', q)
+  if #item == 0 then
+    redis.call('ZREM', KEYS[1], d)
+  else
+    local pace = redis.call('HMGET', 'polite:{' .. d .. '}:pace', 'next', 'gap', 'hint')
+    local gap = math.max(tonumber(pace[2]) or 0, tonumber(pace[3]) or 0)
+    local at = math.max(now + gap, tonumber(pace[1]) or 0)
+    if redis.call('ZCARD', q) == 0 then redis.call('ZREM', KEYS[1], d)
+    else redis.call('ZADD', KEYS[1], at, d) end
+    local id = redis.call('INCR', KEYS[4])
+    redis.call('HSET', KEYS[2], id, d .. '\\n' .. item[2] .. '\\n' .. item[1])
+    return {id, item[1]}
+  end
+end
+return nil
+"""
+)
+# Put every lease of the workers in ARGV (or those whose heartbeat expired) back.
+_REQUEUE = (
+    _NOW
+    + """
+local workers = {}
+for i = 2, #ARGV do workers[#workers + 1] = ARGV[i] end
+if #workers == 0 then
+  workers = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+end
+local moved = 0
+for _, w in ipairs(workers) do
+  local leased = KEYS[3] .. w
+  local all = redis.call('HGETALL', leased)
+  for i = 2, #all, 2 do
+    local v = all[i]
+    local a = string.find(v, '\\n', 1, true)
+    local b = string.find(v, '\\n', a + 1, true)
+    local d = string.sub(v, 1, a - 1)
+    local q = 'polite:{' .. d .. '}:queue:' .. ARGV[1]
+    redis.call('ZADD', q, string.sub(v, a + 1, b - 1), string.sub(v, b + 1))
+    redis.call('ZADD', KEYS[1], 'NX', now, d)
+    moved = moved + 1
+  end
+  redis.call('DEL', leased)
+  redis.call('ZREM', KEYS[2], w)
+end
+return moved
+"""
+)
+# A worker asks for requests at least this often (Scrapy's engine heartbeat): when no
+# domain is ready now, one ready within it is handed out rather than none.
+_POLL_HORIZON = 5.0
+# A new worker waits this long for requests before it may find the crawl over.
+_STARTUP_GRACE = 3.0
+
+
+class DomainQueue:
+    """scrapy-redis's ``SCHEDULER_QUEUE_CLASS``: one queue per domain, leases per worker.
+
+    Built by scrapy-redis's ``Scheduler.open`` as
+    ``DomainQueue(server=, spider=, key=, serializer=)``; its calls are
+    synchronous, like every scrapy-redis queue's (one round trip each).
+    Requests of one domain come out by priority. A request handed out is
+    leased to this worker until it leaves the downloader; the acknowledgements
+    ride on the next ``pop``.
+    """
+
+    def __init__(self, server: Any, spider: Spider, key: str, serializer: Any = None) -> None:
+        if serializer is None:
+            serializer = load_object("scrapy_polite.serializer")
+        self.server = server
+        self.spider = spider
+        self.key = key
+        self.serializer = serializer
+        crawler = spider.crawler
+        self.config = ClusterConfig.from_settings(crawler.settings)
+        self.worker = _worker_id(crawler)
+        self._domains = f"{key}:domains"
+        self._leases = workers_key(crawler.settings, spider.name)
+        self._size = f"{key}:size"
+        self._leased_prefix = f"{key}:leased:"
+        self._counter = f"{key}:lease-id"
+        self._acked: list[int] = []
+        self._opened = monotonic()
+        self._hints = _DelayHints(crawler.settings)
+        self._stats = crawler.stats
+        self._requeue_expired()
+        crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
+        crawler.signals.connect(self._closed, signal=signals.spider_closed)
+
+    def __len__(self) -> int:
+        """Requests queued or leased to a worker: the crawl is not over while any are.
+
+        A worker just started also counts one for a few seconds: another worker may
+        be between its dupefilter check and its push of the first requests.
+        """
+        size = max(0, int(self.server.get(self._size) or 0))
+        if not size and monotonic() - self._opened < _STARTUP_GRACE:
+            return 1
+        return size
+
+    def push(self, request: Request) -> None:
+        domain = _domain(request)
+        request.meta.pop("_polite_lease", None)
+        data = self._encode(request)
+        queue = domain_key(domain, "queue", self.key)
+        keys = (self._domains, queue, domain_key(domain, "pace"), self._size)
+        hint = int(self._hints.floor(domain) * _US)
+        self.server.eval(_PUSH, len(keys), *keys, -request.priority, data, domain, hint)
+
+    def pop(self, timeout: int = 0) -> Request | None:
+        acked, self._acked = self._acked, []
+        leased = self._leased_prefix + self.worker
+        keys = (self._domains, leased, self._leases, self._counter, self._size)
+        lease, horizon = int(self.config.lease * _US), int(_POLL_HORIZON * _US)
+        reply = self.server.eval(
+            _POP, len(keys), *keys, self.key, self.worker, lease, horizon, *acked
+        )
+        if self._stats is not None:
+            self._stats.inc_value("polite/cluster/queue/pops")
+        if not reply:
+            self._maybe_requeue()
+            return None
+        lease_id, data = reply
+        request = request_from_dict(self.serializer.loads(data), spider=self.spider)
+        request.meta["_polite_lease"] = int(lease_id)
+        return request
+
+    def clear(self) -> None:
+        """scrapy-redis's flush: only the last live worker empties the shared queue."""
+        live = self.server.zcount(self._leases, "-inf", "+inf")
+        others = live - (1 if self.server.zscore(self._leases, self.worker) is not None else 0)
+        if others > 0:
+            logger.info("Not clearing the shared queue: %d other workers use it", others)
+            return
+        for domain in self.server.zrange(self._domains, 0, -1):
+            self.server.delete(domain_key(domain.decode(), "queue", self.key))
+        self.server.delete(self._domains, self._size)
+
+    # -- leases -------------------------------------------------------------------
+    def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
+        lease = request.meta.get("_polite_lease")
+        engine = self.spider.crawler.engine
+        # What a stopping crawl cancels is handed back, not acknowledged.
+        if lease is not None and engine is not None and engine.running:
+            self._acked.append(int(lease))
+
+    def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
+        """Hand back what this worker took and did not download (graceful stop)."""
+        self._ack_now()
+        moved = self._requeue(self.worker)
+        if moved:
+            logger.info("Handed %d unfinished requests back to the shared queue", moved)
+            if self._stats is not None:
+                self._stats.inc_value("polite/cluster/queue/handed_back", moved)
+
+    def _ack_now(self) -> None:
+        acked, self._acked = self._acked, []
+        if acked:
+            done = self.server.hdel(self._leased_prefix + self.worker, *acked)
+            if done:
+                self.server.decrby(self._size, done)
+
+    def _maybe_requeue(self) -> None:
+        moved = self._requeue_expired()
+        if moved and self._stats is not None:
+            self._stats.inc_value("polite/cluster/queue/requeued_from_dead_workers", moved)
+
+    def _requeue_expired(self) -> int:
+        return self._requeue()
+
+    def _requeue(self, *workers: str) -> int:
+        keys = (self._domains, self._leases, self._leased_prefix)
+        moved = int(self.server.eval(_REQUEUE, len(keys), *keys, self.key, *workers))
+        if moved and not workers:
+            logger.warning(
+                "%d requests of workers that stopped answering went back to the shared queue",
+                moved,
+            )
+        return moved
+
+    def _encode(self, request: Request) -> bytes:
+        data: bytes = self.serializer.dumps(request.to_dict(spider=self.spider))
+        return data
+
+
+class _DelayHints:
+    """Each domain's delay floor as this worker's settings give it, for the queue."""
+
+    def __init__(self, settings: BaseSettings) -> None:
+        from scrapy_polite.delays import DelayConfig
+
+        self._config = DelayConfig.from_settings(settings)
+        self._cache: dict[str, float] = {}
+
+    def floor(self, domain: str) -> float:
+        floor = self._cache.get(domain)
+        if floor is None:
+            floor = self._cache[domain] = self._config.range_for(domain, domain).low
+        return floor
+
+
+def _domain(request: Request) -> str:
+    slot = request.meta.get("download_slot")
+    if slot:
+        return str(slot)
+    from scrapy.utils.httpobj import urlparse_cached
+
+    return urlparse_cached(request).hostname or ""
+
+
+def workers_key(settings: BaseSettings, spider: str) -> str:
+    """The sorted set of live workers (and their leases' expiry) of *spider*'s crawl."""
+    queue_key = settings.get("SCHEDULER_QUEUE_KEY") or "%(spider)s:requests"
+    return f"{queue_key % {'spider': spider}}:workers"
+
+
+def _worker_id(crawler: Crawler) -> str:
+    """One id per crawler process, shared by its queue and its pace."""
+    found: str | None = crawler.__dict__.get("_scrapy_polite_worker")
+    if found is None:
+        found = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        crawler.__dict__["_scrapy_polite_worker"] = found
+    return found
+
+
+def _path(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    return f"{obj.__module__}.{obj.__qualname__}"
