@@ -106,7 +106,6 @@ class Addon:
         _add_component(settings, "ITEM_PIPELINES", PROCESS_PIPELINE, PROCESS_PRIORITY)
         return f"process pipeline on ({settings.get('POLITE_PROCESS_FUNCTION')})"
 
-
     def _enable_cluster(self, settings: BaseSettings) -> str:
         if not cluster_enabled(settings):
             return "cluster mode off (POLITE_CLUSTER, scrapy-redis's SCHEDULER)"

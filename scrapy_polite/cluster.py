@@ -52,7 +52,7 @@ from scrapy import signals
 from scrapy.utils.misc import load_object
 from scrapy.utils.request import request_from_dict
 
-from scrapy_polite._redis import RedisLink, RedisUnavailable, domain_key, redis_url
+from scrapy_polite._redis import Command, RedisLink, RedisUnavailable, domain_key, redis_url
 from scrapy_polite._settings import PoliteSettingError, get_float
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ __all__ = [
     "SCRAPY_REDIS_SCHEDULER",
     "ClusterConfig",
     "DomainQueue",
+    "DupeFilter",
     "Grant",
     "SharedPace",
     "cluster_enabled",
@@ -74,6 +75,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 COMPONENT = "cluster"
+QUEUE = "queue"
+_LEASE = "_polite_lease"  # meta key: the lease of a request handed out by the queue
 SCRAPY_REDIS_SCHEDULER = "scrapy_redis.scheduler.Scheduler"
 URL_SETTING = "POLITE_CLUSTER_REDIS_URL"
 _US = 1_000_000
@@ -358,88 +361,113 @@ class DomainQueue:
     """scrapy-redis's ``SCHEDULER_QUEUE_CLASS``: one queue per domain, leases per worker.
 
     Built by scrapy-redis's ``Scheduler.open`` as
-    ``DomainQueue(server=, spider=, key=, serializer=)``; its calls are
-    synchronous, like every scrapy-redis queue's (one round trip each).
+    ``DomainQueue(server=, spider=, key=, serializer=)``. Its calls are
+    synchronous, as scrapy-redis's scheduler makes every queue's (one round
+    trip each, bounded by ``POLITE_REDIS_TIMEOUT``); it talks to Redis through
+    the crawler's Redis layer rather than scrapy-redis's ``server``, so an
+    outage is one warning and a retry window, never an exception in the engine.
     Requests of one domain come out by priority. A request handed out is
     leased to this worker until it leaves the downloader; the acknowledgements
-    ride on the next ``pop``.
+    ride on the next ``pop``. While Redis is away, pushed requests wait in this
+    worker and are written when it answers again: none is lost.
     """
 
     def __init__(self, server: Any, spider: Spider, key: str, serializer: Any = None) -> None:
-        if serializer is None:
-            serializer = load_object("scrapy_polite.serializer")
-        self.server = server
+        crawler = spider.crawler
         self.spider = spider
         self.key = key
-        self.serializer = serializer
-        crawler = spider.crawler
+        self.serializer = serializer or load_object("scrapy_polite.serializer")
         self.config = ClusterConfig.from_settings(crawler.settings)
         self.worker = _worker_id(crawler)
+        self._link = RedisLink.open(
+            crawler, self.config.url, QUEUE, "requests wait in each worker, and go out later"
+        )
         self._domains = f"{key}:domains"
-        self._leases = workers_key(crawler.settings, spider.name)
+        self._workers = workers_key(crawler.settings, spider.name)
         self._size = f"{key}:size"
         self._leased_prefix = f"{key}:leased:"
         self._counter = f"{key}:lease-id"
         self._acked: list[int] = []
+        self._unsent: list[Command] = []  # pushes that waited out an outage
+        self._last_size = 0
         self._opened = monotonic()
         self._hints = _DelayHints(crawler.settings)
         self._stats = crawler.stats
-        self._requeue_expired()
+        self._requeue()
         crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
         crawler.signals.connect(self._closed, signal=signals.spider_closed)
 
     def __len__(self) -> int:
         """Requests queued or leased to a worker: the crawl is not over while any are.
 
-        A worker just started also counts one for a few seconds: another worker may
-        be between its dupefilter check and its push of the first requests.
+        A worker just started also counts one for a few seconds: another worker
+        may be between its dupefilter check and its push of the first requests.
         """
-        size = max(0, int(self.server.get(self._size) or 0))
-        if not size and monotonic() - self._opened < _STARTUP_GRACE:
+        try:
+            (size,) = self._link.blocking(QUEUE, ("GET", self._size))
+            self._last_size = max(0, int(size or 0))
+        except RedisUnavailable:
+            return max(1, self._last_size) + len(self._unsent)  # not over: Redis is away
+        if not self._last_size and monotonic() - self._opened < _STARTUP_GRACE:
             return 1
-        return size
+        return self._last_size + len(self._unsent)
 
     def push(self, request: Request) -> None:
         domain = _domain(request)
-        request.meta.pop("_polite_lease", None)
+        request.meta.pop(_LEASE, None)
         data = self._encode(request)
         queue = domain_key(domain, "queue", self.key)
         keys = (self._domains, queue, domain_key(domain, "pace"), self._size)
         hint = int(self._hints.floor(domain) * _US)
-        self.server.eval(_PUSH, len(keys), *keys, -request.priority, data, domain, hint)
+        command = ("EVAL", _PUSH, len(keys), *keys, -request.priority, data, domain, hint)
+        self._unsent.append(command)
+        self._send_unsent()
 
     def pop(self, timeout: int = 0) -> Request | None:
+        if not self._send_unsent():
+            return None
         acked, self._acked = self._acked, []
         leased = self._leased_prefix + self.worker
-        keys = (self._domains, leased, self._leases, self._counter, self._size)
+        keys = (self._domains, leased, self._workers, self._counter, self._size)
         lease, horizon = int(self.config.lease * _US), int(_POLL_HORIZON * _US)
-        reply = self.server.eval(
-            _POP, len(keys), *keys, self.key, self.worker, lease, horizon, *acked
-        )
-        if self._stats is not None:
-            self._stats.inc_value("polite/cluster/queue/pops")
+        try:
+            (reply,) = self._link.blocking(
+                QUEUE,
+                ("EVAL", _POP, len(keys), *keys, self.key, self.worker, lease, horizon, *acked),
+            )
+        except RedisUnavailable:
+            self._acked = acked + self._acked
+            return None
+        if isinstance(reply, Exception):
+            raise reply
+        self._inc("pops")
         if not reply:
-            self._maybe_requeue()
+            self._requeue()
             return None
         lease_id, data = reply
         request = request_from_dict(self.serializer.loads(data), spider=self.spider)
-        request.meta["_polite_lease"] = int(lease_id)
+        request.meta[_LEASE] = int(lease_id)
         return request
 
     def clear(self) -> None:
         """scrapy-redis's flush: only the last live worker empties the shared queue."""
-        live = self.server.zcount(self._leases, "-inf", "+inf")
-        others = live - (1 if self.server.zscore(self._leases, self.worker) is not None else 0)
-        if others > 0:
-            logger.info("Not clearing the shared queue: %d other workers use it", others)
-            return
-        for domain in self.server.zrange(self._domains, 0, -1):
-            self.server.delete(domain_key(domain.decode(), "queue", self.key))
-        self.server.delete(self._domains, self._size)
+        try:
+            workers, mine = self._link.blocking(
+                QUEUE, ("ZCARD", self._workers), ("ZSCORE", self._workers, self.worker)
+            )
+            others = int(workers) - (mine is not None)
+            if others > 0:
+                logger.info("Not clearing the shared queue: %d other workers use it", others)
+                return
+            (domains,) = self._link.blocking(QUEUE, ("ZRANGE", self._domains, 0, -1))
+            queues = [domain_key(d.decode(), "queue", self.key) for d in domains]
+            self._link.blocking(QUEUE, ("DEL", self._domains, self._size, *queues))
+        except RedisUnavailable:
+            logger.warning("Could not clear the shared queue: Redis is unavailable")
 
     # -- leases -------------------------------------------------------------------
     def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
-        lease = request.meta.get("_polite_lease")
+        lease = request.meta.get(_LEASE)
         engine = self.spider.crawler.engine
         # What a stopping crawl cancels is handed back, not acknowledged.
         if lease is not None and engine is not None and engine.running:
@@ -447,41 +475,107 @@ class DomainQueue:
 
     def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
         """Hand back what this worker took and did not download (graceful stop)."""
-        self._ack_now()
-        moved = self._requeue(self.worker)
+        try:
+            self._send_unsent()
+            leased = self._leased_prefix + self.worker
+            acked, self._acked = self._acked, []
+            if acked:
+                (done,) = self._link.blocking(QUEUE, ("HDEL", leased, *acked))
+                if done:
+                    self._link.blocking(QUEUE, ("DECRBY", self._size, done))
+            moved = self._requeue(self.worker)
+        except RedisUnavailable:
+            logger.warning(
+                "Redis is unavailable: %d requests pushed by this worker are lost, and its "
+                "leases go back to the queue once they expire",
+                len(self._unsent),
+            )
+            moved = 0
+        finally:
+            self._link.release()
         if moved:
             logger.info("Handed %d unfinished requests back to the shared queue", moved)
-            if self._stats is not None:
-                self._stats.inc_value("polite/cluster/queue/handed_back", moved)
-
-    def _ack_now(self) -> None:
-        acked, self._acked = self._acked, []
-        if acked:
-            done = self.server.hdel(self._leased_prefix + self.worker, *acked)
-            if done:
-                self.server.decrby(self._size, done)
-
-    def _maybe_requeue(self) -> None:
-        moved = self._requeue_expired()
-        if moved and self._stats is not None:
-            self._stats.inc_value("polite/cluster/queue/requeued_from_dead_workers", moved)
-
-    def _requeue_expired(self) -> int:
-        return self._requeue()
+            self._inc("handed_back", moved)
 
     def _requeue(self, *workers: str) -> int:
-        keys = (self._domains, self._leases, self._leased_prefix)
-        moved = int(self.server.eval(_REQUEUE, len(keys), *keys, self.key, *workers))
+        """Put the leases of *workers*, or of every worker whose heartbeat expired, back."""
+        keys = (self._domains, self._workers, self._leased_prefix)
+        try:
+            (moved,) = self._link.blocking(
+                QUEUE, ("EVAL", _REQUEUE, len(keys), *keys, self.key, *workers)
+            )
+        except RedisUnavailable:
+            return 0
+        if isinstance(moved, Exception):
+            raise moved
         if moved and not workers:
             logger.warning(
                 "%d requests of workers that stopped answering went back to the shared queue",
                 moved,
             )
-        return moved
+            self._inc("requeued", int(moved))
+        return int(moved)
+
+    def _send_unsent(self) -> bool:
+        """Write the pushes that wait; False while Redis is away."""
+        if not self._unsent:
+            return True
+        try:
+            replies = self._link.blocking(QUEUE, *self._unsent)
+        except RedisUnavailable:
+            return False
+        failed = [r for r in replies if isinstance(r, Exception)]
+        self._unsent = []
+        if failed:
+            raise failed[0]
+        return True
 
     def _encode(self, request: Request) -> bytes:
         data: bytes = self.serializer.dumps(request.to_dict(spider=self.spider))
         return data
+
+    def _inc(self, event: str, count: int = 1) -> None:
+        if self._stats is not None:
+            self._stats.inc_value(f"polite/cluster/queue/{event}", count)
+
+
+try:  # scrapy-redis is the "cluster" extra: without it there is no dupefilter to extend
+    from scrapy_redis.dupefilter import RFPDupeFilter as _RedisDupeFilter
+except ImportError:  # pragma: no cover
+    _RedisDupeFilter = object
+
+
+class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
+    """scrapy-redis's ``RFPDupeFilter`` that survives a Redis outage.
+
+    ``DUPEFILTER_CLASS = "scrapy_polite.cluster.DupeFilter"``. scrapy-redis's
+    raises when Redis is away, and the request being scheduled is lost. This
+    one then judges by what this worker has seen (a request may be fetched
+    twice across workers during the outage, never zero times).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen_here: set[str] = set()
+        self._warned = False
+
+    def request_seen(self, request: Request) -> bool:
+        import redis
+
+        try:
+            return bool(super().request_seen(request))
+        except (redis.RedisError, OSError) as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "The shared dupefilter is unavailable (%s): duplicates are judged by "
+                    "this worker alone until Redis answers",
+                    exc,
+                )
+            fingerprint = self.request_fingerprint(request)
+            seen = fingerprint in self._seen_here
+            self._seen_here.add(fingerprint)
+            return seen
 
 
 class _DelayHints:
