@@ -44,6 +44,7 @@ import logging
 import os
 import socket
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -173,8 +174,8 @@ _HEARTBEAT = (
     _NOW
     + """
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('ZCARD', KEYS[1])
+-- Expired workers stay listed until the queue has put their leases back.
+return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 """
 )
 
@@ -209,14 +210,17 @@ class SharedPace:
         self._workers_key = workers_key(crawler.settings, crawler.spidercls.name)
         self._ttl_ms = int(max(3600.0, 10 * config.lease) * 1000)  # idle domains expire
         self._stats = crawler.stats
+        self._latencies: deque[float] = deque(maxlen=100_000)  # of reservations, seconds
         self.retry_interval = self._link.retry_interval
         self.shown_url = self._link.shown_url
 
     async def reserve(self, domain: str, gap: float, cap: float) -> Grant:
         """Reserve the domain's next departure, *gap* (seconds) before the one after."""
+        asked = monotonic()
         wait, backoff, crawl_delay, start = await self._script(
             _RESERVE, domain, int(gap * _US), int(cap * _US), self._ttl_ms
         )
+        self._latencies.append(monotonic() - asked)
         return Grant(int(wait) / _US, int(backoff) / _US, int(crawl_delay) / _US, int(start))
 
     async def held_past(self, domain: str, start_us: int) -> bool:
@@ -259,10 +263,16 @@ class SharedPace:
         return self.workers
 
     async def leave(self) -> None:
-        """This worker stops: take it off the list at once."""
-        await self._link.call(COMPONENT, ("ZREM", self._workers_key, self.worker))
+        """This worker stops: count it out at once (expired; the queue puts back any lease)."""
+        await self._link.call(COMPONENT, ("ZADD", self._workers_key, "XX", 0, self.worker))
 
     def release(self) -> None:
+        """Report the reservations' latency in stats, and give the Redis link back."""
+        if self._latencies and self._stats is not None:
+            ordered = sorted(self._latencies)
+            for name, q in (("p50", 0.5), ("p99", 0.99)):
+                value = ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+                self._stats.set_value(f"polite/cluster/reserve_ms_{name}", round(value, 3))
         self._link.release()
 
     async def _script(self, script: str, domain: str, *args: Any) -> Any:
@@ -321,6 +331,12 @@ end
 return nil
 """
 )
+_ACK = """
+local done = 0
+for i = 1, #ARGV do done = done + redis.call('HDEL', KEYS[1], ARGV[i]) end
+if done > 0 then redis.call('DECRBY', KEYS[2], done) end
+return done
+"""
 # Put every lease of the workers in ARGV (or those whose heartbeat expired) back.
 _REQUEUE = (
     _NOW
@@ -394,6 +410,7 @@ class DomainQueue:
         self._hints = _DelayHints(crawler.settings)
         self._stats = crawler.stats
         self._requeue()
+        crawler.signals.connect(self._downloaded, signal=signals.response_downloaded)
         crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
         crawler.signals.connect(self._closed, signal=signals.spider_closed)
 
@@ -466,12 +483,30 @@ class DomainQueue:
             logger.warning("Could not clear the shared queue: Redis is unavailable")
 
     # -- leases -------------------------------------------------------------------
+    def _downloaded(self, response: Any, request: Request, spider: Spider | None = None) -> None:
+        self._ack(request)
+
     def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
-        lease = request.meta.get(_LEASE)
         engine = self.spider.crawler.engine
-        # What a stopping crawl cancels is handed back, not acknowledged.
-        if lease is not None and engine is not None and engine.running:
-            self._acked.append(int(lease))
+        # A download that failed is done with; what a stopping crawl cancels is handed back.
+        if engine is not None and engine.running:
+            self._ack(request)
+
+    def _ack(self, request: Request) -> None:
+        lease = request.meta.pop(_LEASE, None)
+        if lease is None:
+            return
+        from scrapy.utils.defer import deferred_from_coro
+
+        deferred_from_coro(self._send_ack(int(lease)))
+
+    async def _send_ack(self, lease: int) -> None:
+        """Done with a leased request: at once, off the reactor thread's wait."""
+        keys = (self._leased_prefix + self.worker, self._size)
+        try:
+            await self._link.call(QUEUE, ("EVAL", _ACK, len(keys), *keys, lease))
+        except RedisUnavailable:
+            self._acked.append(lease)  # sent with the next pop
 
     def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
         """Hand back what this worker took and did not download (graceful stop)."""

@@ -121,3 +121,32 @@ def test_one_line_in_settings_turns_the_bundle_on_in_a_real_crawl(site: Site, re
     assert "scrapy-polite: per-domain delays on" in result.log
     assert len(result.items) == 3
     assert min(site.gaps(host)) >= 0.2 - 0.01
+
+
+SCRAPY_REDIS = {
+    "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+    "REDIS_URL": "redis://127.0.0.1:1/0",
+}
+
+
+def test_scrapy_redis_with_a_redis_url_turns_cluster_mode_on_with_queue_serializer_persist():
+    changed = _changed_by_addon(SCRAPY_REDIS)
+    assert changed["SCHEDULER_QUEUE_CLASS"] == "scrapy_polite.cluster.DomainQueue"
+    assert changed["SCHEDULER_SERIALIZER"] == "scrapy_polite.serializer"
+    assert changed["SCHEDULER_PERSIST"] is True
+    assert _changed_by_addon({"SCHEDULER": "scrapy_redis.scheduler.Scheduler"}).keys() == {
+        "DOWNLOADER_MIDDLEWARES"  # no Redis URL: no cluster mode
+    }
+    assert "SCHEDULER_QUEUE_CLASS" not in _changed_by_addon(
+        {**SCRAPY_REDIS, "POLITE_CLUSTER": "false"}
+    )
+
+
+def test_cluster_mode_keeps_the_users_own_queue_serializer_and_persist():
+    mine = {
+        "SCHEDULER_QUEUE_CLASS": "scrapy_redis.queue.FifoQueue",
+        "SCHEDULER_SERIALIZER": "json",
+        "SCHEDULER_PERSIST": False,
+    }
+    settings = get_crawler(Spider, {**SCRAPY_REDIS, **mine, "ADDONS": {Addon: 100}}).settings
+    assert {name: settings[name] for name in mine} == mine

@@ -1,0 +1,203 @@
+"""Cluster benchmark: one worker against three in cluster mode, Redis local and 1 ms away.
+
+Run from the repository root: ``python -m bench.bench_cluster [--hosts 30] [--pages 30]``.
+
+A crawl of ``--hosts`` local hosts (127.0.0.2, ...) with ``--pages`` pages each and a
+0.5 s delay, through scrapy-redis with scrapy-polite's cluster mode, crawled by one
+worker and by three, alternating, each against a local Redis and against the same
+Redis behind a TCP proxy that delays every chunk by 0.5 ms each way (1 ms round trip,
+as when Redis runs on another machine). For each it prints pages/s, the shortest gap
+any host saw, Redis commands per page, the reservation's latency (p50, p99) and the
+reactor's lag (p50, p99, from a 10 ms timer in every worker), and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import socket
+import statistics
+import threading
+import time
+from typing import Any
+
+from scrapy import signals
+
+from scrapy_polite.testing import free_port
+from scrapy_polite.testing.crawl import finish_crawl, start_crawl
+from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import Site
+
+DELAY = 0.5
+
+
+class LagProbe:
+    """An extension: how late a 10 ms timer fires on the worker's reactor (stats, ms)."""
+
+    def __init__(self, crawler: Any) -> None:
+        self.crawler = crawler
+        self.lags: list[float] = []
+        self.call: Any = None
+        crawler.signals.connect(self.opened, signal=signals.spider_opened)
+        crawler.signals.connect(self.closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> LagProbe:
+        return cls(crawler)
+
+    def opened(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self.expected = time.monotonic() + 0.01
+        self.call = LoopingCall(self.tick)
+        self.call.start(0.01, now=False)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.lags.append(max(0.0, now - self.expected) * 1000)
+        self.expected = now + 0.01
+
+    def closed(self) -> None:
+        if self.call is not None and self.call.running:
+            self.call.stop()
+        lags = sorted(self.lags) or [0.0]
+        stats = self.crawler.stats
+        stats.set_value("bench/lag_p50_ms", lags[len(lags) // 2])
+        stats.set_value("bench/lag_p99_ms", lags[int(len(lags) * 0.99)])
+
+
+class DelayProxy:
+    """A TCP proxy that holds every chunk ``delay`` seconds before passing it on."""
+
+    def __init__(self, target: tuple[str, int], delay: float) -> None:
+        self.target = target
+        self.delay = delay
+        self.port = free_port()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(self.delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: int) -> dict:
+    site.reset()
+    for host in hosts:
+        site.set_pages(host, site.default_pages)
+    client = redis.client()
+    client.flushall()
+    commands = int(client.info("stats")["total_commands_processed"])
+    settings = {
+        "ADDONS": {"scrapy_polite.Addon": 100},
+        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+        "DUPEFILTER_CLASS": "scrapy_polite.cluster.DupeFilter",
+        "REDIS_URL": url,
+        "POLITE_DELAY": DELAY,
+        "LOG_LEVEL": "WARNING",
+        "EXTENSIONS": {"bench.bench_cluster.LagProbe": 0},
+    }
+    urls = json.dumps([site.url(h, "/") for h in hosts])
+    start = time.monotonic()
+    started = [
+        start_crawl("tests.spiders.SharedSpider", settings, args={"urls": urls})
+        for _ in range(workers)
+    ]
+    results = [finish_crawl(*s, timeout=900) for s in started]
+    elapsed = time.monotonic() - start
+    for result in results:
+        assert result.returncode == 0, result.log[-3000:]
+    pages = len(site.page_hits())
+    expected = len(hosts) * (site.default_pages + 1)
+    assert pages == expected, f"{pages} pages fetched, {expected} expected"
+    gaps = [g for h in hosts for g in site.gaps(h)]
+    used = int(client.info("stats")["total_commands_processed"]) - commands - 2
+    return {
+        "pages/s": pages / elapsed,
+        "min gap": min(gaps),
+        "mean gap": statistics.mean(gaps),
+        "commands/page": used / pages,
+        "reserve p50": statistics.median(r.stat("polite/cluster/reserve_ms_p50") for r in results),
+        "reserve p99": max(r.stat("polite/cluster/reserve_ms_p99") for r in results),
+        "lag p50": statistics.median(r.stat("bench/lag_p50_ms") for r in results),
+        "lag p99": max(r.stat("bench/lag_p99_ms") for r in results),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=30)
+    parser.add_argument("--pages", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    hosts = [f"127.0.0.{i}" for i in range(2, 2 + args.hosts)]
+    rows: dict[str, list[dict]] = {}
+    with Site(hosts, pages=args.pages) as site, RedisServer() as redis:
+        proxy = DelayProxy(("127.0.0.1", redis.port), 0.0005)
+        far = f"redis://127.0.0.1:{proxy.port}/0"
+        variants = [
+            ("1 worker, Redis local", redis.url, 1),
+            ("3 workers, Redis local", redis.url, 3),
+            ("1 worker, Redis 1 ms away", far, 1),
+            ("3 workers, Redis 1 ms away", far, 3),
+        ]
+        print(
+            f"{args.hosts} hosts x {args.pages} pages, {DELAY} s delay, cluster mode, "
+            f"{args.rounds} alternating rounds"
+        )
+        for round_ in range(args.rounds):
+            for name, url, workers in variants if round_ % 2 == 0 else variants[::-1]:
+                row = _run(site, hosts, redis, url, workers)
+                rows.setdefault(name, []).append(row)
+                print(
+                    f"  round {round_ + 1} {name:28s} "
+                    + "  ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                    flush=True,
+                )
+        proxy.close()
+    print("\nmedians (range) over the rounds")
+    for name, values in rows.items():
+        cells = []
+        for key in values[0]:
+            column = [v[key] for v in values]
+            cells.append(
+                f"{key} {statistics.median(column):.3f} ({min(column):.3f}-{max(column):.3f})"
+            )
+        print(f"  {name:28s} " + "; ".join(cells))
+    for where in ("Redis local", "Redis 1 ms away"):
+        one = [v["pages/s"] for v in rows[f"1 worker, {where}"]]
+        three = [v["pages/s"] for v in rows[f"3 workers, {where}"]]
+        ratios = [t / o for t, o in zip(three, one, strict=True)]
+        print(
+            f"  throughput 3 workers / 1, {where}: {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+    floor = min(v["min gap"] for values in rows.values() for v in values)
+    print(f"  shortest gap at any host in any crawl: {floor:.3f} s (floor {DELAY} s)")
+
+
+if __name__ == "__main__":
+    main()
