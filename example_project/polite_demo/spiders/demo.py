@@ -17,6 +17,12 @@ class DemoSpider(scrapy.Spider):
         # ``site`` is a comma-separated list of the demo hosts' base URLs.
         self.start_urls = [url.rstrip("/") + "/" for url in site.split(",")]
 
+    async def start(self) -> Any:
+        # Through the dupefilter (not Scrapy's default dont_filter=True), so that the
+        # workers of a cluster fetch each start page once between them.
+        for url in self.start_urls:
+            yield scrapy.Request(url)
+
     def parse(self, response: Response) -> Iterator[Any]:
         yield from response.follow_all(css="a::attr(href)", callback=self.parse_page)
 
