@@ -55,6 +55,7 @@ from scrapy.utils.request import request_from_dict
 
 from scrapy_polite._redis import Command, RedisLink, RedisUnavailable, domain_key, redis_url
 from scrapy_polite._settings import PoliteSettingError, get_float
+from scrapy_polite.robots import requests_held_at_close
 
 if TYPE_CHECKING:
     from scrapy import Request, Spider
@@ -413,6 +414,7 @@ class DomainQueue:
         crawler.signals.connect(self._downloaded, signal=signals.response_downloaded)
         crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
         crawler.signals.connect(self._closed, signal=signals.spider_closed)
+        crawler.signals.connect(self._take_held, signal=requests_held_at_close)
 
     def __len__(self) -> int:
         """Requests queued or leased to a worker: the crawl is not over while any are.
@@ -507,6 +509,13 @@ class DomainQueue:
             await self._link.call(QUEUE, ("EVAL", _ACK, len(keys), *keys, lease))
         except RedisUnavailable:
             self._acked.append(lease)  # sent with the next pop
+
+    def _take_held(self, requests: list[Request]) -> int:
+        """The robots.txt middleware's held requests, at a stop: back to the shared queue."""
+        for request in requests:
+            self.push(request)
+        self._inc("handed_back", len(requests))
+        return len(requests)
 
     def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
         """Hand back what this worker took and did not download (graceful stop)."""

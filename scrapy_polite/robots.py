@@ -88,7 +88,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
     from typing_extensions import Self
 
-__all__ = ["PoliteRobotsTxtMiddleware", "RobotsConfig", "sitemaps_found"]
+__all__ = ["PoliteRobotsTxtMiddleware", "RobotsConfig", "requests_held_at_close", "sitemaps_found"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ logger = logging.getLogger(__name__)
 #: robots.txt) and ``request`` (the request that needed the origin's rules).
 #: A spider can follow them from a handler with ``self.crawler.engine.crawl()``.
 sitemaps_found = object()
+
+#: Sent when the spider closes while requests are still held back here waiting for
+#: a robots.txt, with ``requests`` (a list). A receiver that keeps them for later
+#: (the cluster's shared queue hands them to the other workers) returns how many it
+#: took; the rest are dropped (``polite/robots/dropped_at_close``).
+requests_held_at_close = object()
 
 _REDIS_POLL = 0.1  # seconds between two looks at Redis while another process fetches
 _DOWNLOAD_PRIORITY = 1000  # robots.txt requests go before the pages that wait for them
@@ -475,17 +481,23 @@ class PoliteRobotsTxtMiddleware:
 
     def _close(self, spider: Spider | None = None) -> None:
         self._closing = True
-        dropped = 0
+        held: list[Request] = []
         for origin in self._origins.values():
             if origin.timer is not None and origin.timer.active():
                 origin.timer.cancel()
             origin.timer = None
-            dropped += len(origin.held)
+            held += origin.held
             origin.held = []
             waiters, origin.waiters = origin.waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-        if dropped:
+        dropped = len(held)
+        if held:
+            replies = self.crawler.signals.send_catch_log(
+                signal=requests_held_at_close, requests=held
+            )
+            dropped -= sum(r for _, r in replies if isinstance(r, int))
+        if dropped > 0:
             self._stats.inc_value("polite/robots/dropped_at_close", dropped)
             logger.warning(
                 "The crawl closed with %d requests still waiting for a robots.txt", dropped

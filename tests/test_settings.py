@@ -16,6 +16,8 @@ from scrapy.settings import Settings
 from scrapy_polite import PoliteSettingError
 from scrapy_polite._redis import RedisLink, redis_url
 from scrapy_polite._settings import as_list, get_dict, robots_user_agent
+from scrapy_polite.cluster import SCRAPY_REDIS_SCHEDULER as SCRAPY_REDIS
+from scrapy_polite.cluster import ClusterConfig, cluster_enabled
 from scrapy_polite.delays import DelayConfig, DelayRange
 from scrapy_polite.httpcache import HttpCacheConfig
 from scrapy_polite.process import ProcessConfig
@@ -40,6 +42,10 @@ def _cache(settings: dict[str, Any]) -> HttpCacheConfig:
 
 def _process(settings: dict[str, Any]) -> ProcessConfig:
     return ProcessConfig.from_settings(Settings({**BASE, **settings}))
+
+
+def _cluster(settings: dict[str, Any]) -> ClusterConfig:
+    return ClusterConfig.from_settings(Settings({**BASE, **settings}))
 
 
 def _link(settings: dict[str, Any]) -> RedisLink:
@@ -127,6 +133,16 @@ STRING_FORMS: list[tuple[str, str, Callable[[dict[str, Any]], Any], Any]] = [
     ("POLITE_PROCESS_START_METHOD", "spawn", lambda s: _process(s).start_method, "spawn"),
     ("POLITE_PROCESS_RETRIES", "0", lambda s: _process(s).retries, 0),
     ("POLITE_PROCESS_ON_ERROR", "keep", lambda s: _process(s).on_error, "keep"),
+    ("POLITE_CLUSTER", "true", lambda s: cluster_enabled(Settings(s)), True),
+    ("POLITE_CLUSTER", "false", lambda s: cluster_enabled(Settings({**BASE, **s})), False),
+    (
+        "POLITE_CLUSTER",
+        "auto",
+        lambda s: cluster_enabled(Settings({**BASE, "SCHEDULER": SCRAPY_REDIS, **s})),
+        True,
+    ),
+    ("POLITE_CLUSTER_REDIS_URL", "redis://k:6/5", lambda s: _cluster(s).url, "redis://k:6/5"),
+    ("POLITE_CLUSTER_LEASE", "12", lambda s: _cluster(s).lease, 12.0),
     ("POLITE_REDIS_URL", "redis://p:4/3", lambda s: redis_url(Settings(s)), "redis://p:4/3"),
     ("REDIS_URL", "redis://q:5/4", lambda s: redis_url(Settings(s)), "redis://q:5/4"),
     ("REDIS_HOST", "h", lambda s: redis_url(Settings(s)), "redis://h:6379"),
