@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import socket
 import statistics
 import threading
@@ -68,14 +69,44 @@ class LagProbe:
 
 
 class DelayProxy:
-    """A TCP proxy that holds every chunk ``delay`` seconds before passing it on."""
+    """A TCP proxy that holds every chunk ``delay`` seconds before passing it on.
+
+    It runs in a process of its own, so the site's threads in this one cannot slow it.
+    """
 
     def __init__(self, target: tuple[str, int], delay: float) -> None:
         self.target = target
         self.delay = delay
         self.port = free_port()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
+        context = multiprocessing.get_context("spawn")
+        self._process = context.Process(target=_serve_proxy, args=(target, delay, self.port))
+        self._process.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the delaying proxy did not start")
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.join(10)
+
+
+def _serve_proxy(target: tuple[str, int], delay: float, port: int) -> None:
+    _Proxy(target, delay, port).serve()
+
+
+class _Proxy:
+    def __init__(self, target: tuple[str, int], delay: float, port: int) -> None:
+        self.target = target
+        self.delay = delay
+        self._server = socket.create_server(("127.0.0.1", port))
+
+    def serve(self) -> None:
+        self._accept()
 
     def _accept(self) -> None:
         while True:
@@ -99,9 +130,6 @@ class DelayProxy:
             for s in (source, sink):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._server.close()
 
 
 def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: int) -> dict:

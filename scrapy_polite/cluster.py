@@ -137,7 +137,7 @@ local gap = math.min(math.max(tonumber(ARGV[1]), cd) + backoff, tonumber(ARGV[2]
 local start = math.max(now, nxt, hold)
 redis.call('HSET', KEYS[1], 'next', start + gap, 'gap', gap)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {start - now, backoff, cd, start}
+return {start - now, backoff, cd, start, gap}
 """
 )
 _BACK_OFF = (
@@ -152,9 +152,29 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return backoff
 """
 )
-_HELD_PAST = """
-return (tonumber(redis.call('HGET', KEYS[1], 'hold')) or 0) > tonumber(ARGV[1]) and 1 or 0
+# Just before a reserved departure: the later of any hold (Retry-After) and the
+# earliest the departures already made or confirmed allow ('floor_at'); if that is past
+# the reserved start, the departure moves there, and the ones after it move too.
+_CONFIRM = """
+local f = redis.call('HMGET', KEYS[1], 'hold', 'floor_at', 'next')
+local start, gap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local hold, floor_at, nxt = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
+local shift = math.max(0, math.max(hold, floor_at) - start)
+local after = start + shift + gap
+redis.call('HSET', KEYS[1], 'floor_at', math.max(floor_at, after), 'next', math.max(nxt, after))
+return shift
 """
+# A departure that left later than reserved: the next ones count from when it left.
+_LATE = (
+    _NOW
+    + """
+local f = redis.call('HMGET', KEYS[1], 'floor_at', 'next')
+local after = now + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'floor_at', math.max(tonumber(f[1]) or 0, after),
+  'next', math.max(tonumber(f[2]) or 0, after))
+return 1
+"""
+)
 _RECOVER = """
 local backoff = (tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0) * tonumber(ARGV[1])
 if backoff < 1000 then backoff = 0 end
@@ -189,6 +209,7 @@ class Grant:
     backoff: float
     crawl_delay: float
     start_us: int  # the departure on the Redis server's clock
+    gap_us: int  # the gap it holds before the next one
 
 
 class SharedPace:
@@ -218,15 +239,21 @@ class SharedPace:
     async def reserve(self, domain: str, gap: float, cap: float) -> Grant:
         """Reserve the domain's next departure, *gap* (seconds) before the one after."""
         asked = monotonic()
-        wait, backoff, crawl_delay, start = await self._script(
+        wait, backoff, crawl_delay, start, gap_us = await self._script(
             _RESERVE, domain, int(gap * _US), int(cap * _US), self._ttl_ms
         )
         self._latencies.append(monotonic() - asked)
-        return Grant(int(wait) / _US, int(backoff) / _US, int(crawl_delay) / _US, int(start))
+        return Grant(
+            int(wait) / _US, int(backoff) / _US, int(crawl_delay) / _US, int(start), int(gap_us)
+        )
 
-    async def held_past(self, domain: str, start_us: int) -> bool:
-        """Whether a hold (``Retry-After``) learnt since covers the departure at *start_us*."""
-        return bool(await self._script(_HELD_PAST, domain, start_us))
+    async def confirm(self, domain: str, grant: Grant) -> float:
+        """Seconds the reserved departure must move (a hold, or a late departure before it)."""
+        return int(await self._script(_CONFIRM, domain, grant.start_us, grant.gap_us)) / _US
+
+    async def departed_late(self, domain: str, gap_us: int) -> None:
+        """A departure left late: the next ones keep *gap_us* from when it really left."""
+        await self._script(_LATE, domain, gap_us)
 
     async def back_off(
         self, domain: str, base: float, factor: float, cap: float, retry_after: float
@@ -312,7 +339,11 @@ for _ = 1, 8 do
   if #ready == 0 then
     ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + tonumber(ARGV[4]), 'LIMIT', 0, 1)
   end
-  if #ready == 0 then return nil end
+  if #ready == 0 then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    if #first == 0 then return {-1, -1} end
+    return {-1, tonumber(first[2]) - now}
+  end
   local d = ready[1]
   local q = 'polite:{' .. d .. '}:queue:' .. ARGV[1]
   local item = redis.call('ZPOPMIN', q)
@@ -329,7 +360,7 @@ for _ = 1, 8 do
     return {id, item[1]}
   end
 end
-return nil
+return {-1, 0}
 """
 )
 _ACK = """
@@ -372,6 +403,9 @@ return moved
 _POLL_HORIZON = 5.0
 # A new worker waits this long for requests before it may find the crawl over.
 _STARTUP_GRACE = 3.0
+# When nothing is ready, a worker asks Redis again after at most this long (another
+# worker may push meanwhile); its own pushes end the wait at once.
+_QUIET = 0.2
 
 
 class DomainQueue:
@@ -407,6 +441,9 @@ class DomainQueue:
         self._acked: list[int] = []
         self._unsent: list[Command] = []  # pushes that waited out an outage
         self._last_size = 0
+        self._size_read_at = 0.0
+        self._quiet_until = 0.0  # nothing was ready: no need to ask Redis before this
+        self._requeue_at = 0.0  # when to look for dead workers' leases again
         self._opened = monotonic()
         self._hints = _DelayHints(crawler.settings)
         self._stats = crawler.stats
@@ -421,12 +458,16 @@ class DomainQueue:
 
         A worker just started also counts one for a few seconds: another worker
         may be between its dupefilter check and its push of the first requests.
+        Read again at most every ``_QUIET`` seconds (Scrapy asks very often).
         """
-        try:
-            (size,) = self._link.blocking(QUEUE, ("GET", self._size))
-            self._last_size = max(0, int(size or 0))
-        except RedisUnavailable:
-            return max(1, self._last_size) + len(self._unsent)  # not over: Redis is away
+        now = monotonic()
+        if now >= self._size_read_at + _QUIET or not self._last_size:
+            try:
+                (size,) = self._link.blocking(QUEUE, ("GET", self._size))
+                self._last_size = max(0, int(size or 0))
+                self._size_read_at = now
+            except RedisUnavailable:
+                return max(1, self._last_size) + len(self._unsent)  # not over: Redis is away
         if not self._last_size and monotonic() - self._opened < _STARTUP_GRACE:
             return 1
         return self._last_size + len(self._unsent)
@@ -441,10 +482,15 @@ class DomainQueue:
         command = ("EVAL", _PUSH, len(keys), *keys, -request.priority, data, domain, hint)
         self._unsent.append(command)
         self._send_unsent()
+        self._quiet_until = 0.0  # something is ready now
 
     def pop(self, timeout: int = 0) -> Request | None:
-        if not self._send_unsent():
+        now = monotonic()
+        if now < self._quiet_until or not self._send_unsent():
             return None
+        if now >= self._requeue_at:
+            self._requeue_at = now + self.config.heartbeat
+            self._requeue()
         acked, self._acked = self._acked, []
         leased = self._leased_prefix + self.worker
         keys = (self._domains, leased, self._workers, self._counter, self._size)
@@ -460,10 +506,11 @@ class DomainQueue:
         if isinstance(reply, Exception):
             raise reply
         self._inc("pops")
-        if not reply:
-            self._requeue()
-            return None
         lease_id, data = reply
+        if int(lease_id) < 0:  # nothing ready: data is how long until a domain is (µs)
+            wait = int(data) / _US if int(data) >= 0 else _QUIET
+            self._quiet_until = now + min(max(wait, 0.0), _QUIET)
+            return None
         request = request_from_dict(self.serializer.loads(data), spider=self.spider)
         request.meta[_LEASE] = int(lease_id)
         return request

@@ -55,7 +55,7 @@ from scrapy_polite._settings import (
     get_int,
     robots_user_agent,
 )
-from scrapy_polite.cluster import ClusterConfig, SharedPace, cluster_enabled
+from scrapy_polite.cluster import ClusterConfig, Grant, SharedPace, cluster_enabled
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -386,12 +386,13 @@ class _SharedDomainPace(_DomainPace):
         "_alone_until",
         "_asking",
         "_confirm",
+        "_grant",
         "_grant_at",
         "_grant_for",
         "_learnt",
         "_retry_interval",
         "_shared",
-        "_start_us",
+        "_unreported",
     )
 
     def __init__(
@@ -412,7 +413,8 @@ class _SharedDomainPace(_DomainPace):
         self._asking = False
         self._grant_for: float | None = None  # the slot's lastseen the grant is for
         self._grant_at = 0.0
-        self._start_us = 0  # the grant's departure, on the Redis server's clock
+        self._grant: Grant | None = None  # the last reservation
+        self._unreported = False  # its departure has not started yet
         self._alone_until = 0.0
         self._confirm: CallLaterResult | None = None
 
@@ -457,7 +459,8 @@ class _SharedDomainPace(_DomainPace):
         own = lastseen + self.floor() if lastseen else 0.0
         self._grant_at = max(now + grant.wait, own)
         self._grant_for = lastseen
-        self._start_us = grant.start_us
+        self._grant = grant
+        self._unreported = True
         self._stats.inc_value("polite/cluster/reserved")
         if self._grant_at - now > _CONFIRM_AHEAD:
             self._cancel_confirm()
@@ -471,13 +474,29 @@ class _SharedDomainPace(_DomainPace):
         _spawn(self._confirm_grant(lastseen), f"confirming a departure to {self.key}")
 
     async def _confirm_grant(self, lastseen: float) -> None:
+        grant = self._grant
+        if grant is None:
+            return
         try:
-            held = await self._shared.held_past(self.key, self._start_us)
+            shift = await self._shared.confirm(self.key, grant)
         except RedisUnavailable:
             return  # keep the reservation: Redis can hold nothing back now
-        if held and self._grant_for == lastseen:
-            self._stats.inc_value("polite/cluster/voided")
-            self.void()
+        if shift > 0 and self._grant_for == lastseen:
+            self._stats.inc_value("polite/cluster/shifted")
+            self._grant_at += shift
+            self.wake()
+
+    def started(self, now: float) -> None:
+        super().started(now)
+        grant, late = self._grant, now - self._grant_at
+        if not self._unreported or grant is None:
+            return
+        self._unreported = False
+        if late > _LATE:
+            # The departures reserved after this one count their gaps from when it left.
+            self._stats.inc_value("polite/cluster/late")
+            report = self._shared.departed_late(self.key, grant.gap_us)
+            _spawn(_shared_call(report), f"reporting a late departure to {self.key}")
 
     def _alone(self, lastseen: float) -> None:
         if monotonic() >= self._alone_until:
@@ -498,6 +517,8 @@ _PARKED = 60.0
 _TINY = 1e-6
 # A reservation further ahead than this is confirmed this long before it is used.
 _CONFIRM_AHEAD = 0.05
+# A departure this much later than reserved is reported, so the next ones keep their gap.
+_LATE = 0.002
 
 
 def _nothing() -> None:
