@@ -7,7 +7,8 @@ A crawl of ``--hosts`` local hosts (127.0.0.2, ...) with ``--pages`` pages each 
 worker and by three, alternating, each against a local Redis and against the same
 Redis behind a TCP proxy that delays every chunk by 0.5 ms each way (1 ms round trip,
 as when Redis runs on another machine). For each it prints pages/s, the shortest gap
-any host saw, Redis commands per page, the reservation's latency (p50, p99) and the
+any host saw, Redis calls per page (a script counts once) and commands per page (those
+inside scripts too), the reservation's latency (p50, p99) and the
 reactor's lag (p50, p99, from a 10 ms timer in every worker), and the ratios.
 """
 
@@ -139,6 +140,7 @@ def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: in
     client = redis.client()
     client.flushall()
     commands = int(client.info("stats")["total_commands_processed"])
+    sent_before = _sent(client)
     settings = {
         "ADDONS": {"scrapy_polite.Addon": 100},
         "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
@@ -162,17 +164,29 @@ def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: in
     expected = len(hosts) * (site.default_pages + 1)
     assert pages == expected, f"{pages} pages fetched, {expected} expected"
     gaps = [g for h in hosts for g in site.gaps(h)]
-    used = int(client.info("stats")["total_commands_processed"]) - commands - 2
+    used = int(client.info("stats")["total_commands_processed"]) - commands - 3
+    sent = _sent(client) - sent_before
     return {
         "pages/s": pages / elapsed,
         "min gap": min(gaps),
         "mean gap": statistics.mean(gaps),
+        "calls/page": sent / pages,
         "commands/page": used / pages,
         "reserve p50": statistics.median(r.stat("polite/cluster/reserve_ms_p50") for r in results),
         "reserve p99": max(r.stat("polite/cluster/reserve_ms_p99") for r in results),
         "lag p50": statistics.median(r.stat("bench/lag_p50_ms") for r in results),
         "lag p99": max(r.stat("bench/lag_p99_ms") for r in results),
+        "alone": sum(r.stat("polite/cluster/alone") for r in results),
+        "late": sum(r.stat("polite/cluster/late") for r in results),
+        "shifted": sum(r.stat("polite/cluster/shifted") for r in results),
     }
+
+
+def _sent(client: Any) -> int:
+    """Calls clients sent (scripts count once; the commands inside them do not)."""
+    stats = client.info("commandstats")
+    inner = ("cmdstat_eval", "cmdstat_evalsha", "cmdstat_sadd", "cmdstat_get", "cmdstat_ping")
+    return sum(int(stats[name]["calls"]) for name in inner if name in stats)
 
 
 def main() -> None:

@@ -456,7 +456,8 @@ class _SharedDomainPace(_DomainPace):
         now = monotonic()
         # Never closer than the floor to this worker's own last departure either
         # (it paced alone a moment ago, or Redis lost its state).
-        own = lastseen + self.floor() if lastseen else 0.0
+        last = max(lastseen, self.last_start)  # when this worker's last request left
+        own = last + self.floor() if last else 0.0
         self._grant_at = max(now + grant.wait, own)
         self._grant_for = lastseen
         self._grant = grant
