@@ -442,7 +442,14 @@ class _SharedDomainPace(_DomainPace):
 
     async def _reserve(self, lastseen: float, gap: float) -> None:
         try:
-            grant = await self._shared.reserve(self.key, gap, self.cap)
+            for attempt in range(_SLOW_RETRIES + 1):
+                asked = monotonic()
+                grant = await self._shared.reserve(self.key, gap, self.cap)
+                # An answer that took long may come when its departure is already due
+                # elsewhere in the schedule: leave that one empty and reserve again.
+                if monotonic() - asked <= _SLOW_REPLY or attempt == _SLOW_RETRIES:
+                    break
+                self._stats.inc_value("polite/cluster/slow_replies")
         except RedisUnavailable:
             self._alone(lastseen)
             return
@@ -520,6 +527,10 @@ _TINY = 1e-6
 _CONFIRM_AHEAD = 0.05
 # A departure this much later than reserved is reported, so the next ones keep their gap.
 _LATE = 0.002
+# A reservation answered slower than this is not trusted to be on time: asked again
+# (at most this many times).
+_SLOW_REPLY = 0.02
+_SLOW_RETRIES = 3
 
 
 def _nothing() -> None:
