@@ -117,7 +117,9 @@ class ClusterConfig:
                 "a Redis URL for cluster mode (or POLITE_REDIS_URL, or scrapy-redis's REDIS_URL)",
             )
         lease = get_float(settings, "POLITE_CLUSTER_LEASE", 30.0, minimum=1, maximum=86400)
-        return cls(url=url, lease=lease, heartbeat=lease / 3)
+        # Heartbeats at least every second: a worker alone during an outage widens its gaps
+        # by the live workers it last counted, so the count must be fresh.
+        return cls(url=url, lease=lease, heartbeat=min(lease / 3, 1.0))
 
 
 # -- the shared pace --------------------------------------------------------------------

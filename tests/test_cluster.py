@@ -7,6 +7,7 @@ import os
 import signal
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -104,12 +105,22 @@ def test_a_retry_after_answered_to_one_worker_holds_every_worker(
     assert sum(r.stat("polite/delay/backoff") for r in results) == 1
 
 
+@pytest.fixture
+def durable_redis() -> Iterator[RedisServer]:
+    """A Redis that keeps its data across a restart, as a production one does."""
+    with RedisServer(persist=True) as server:
+        yield server
+
+
 def test_workers_pace_alone_while_redis_is_away_and_rejoin_when_it_is_back(
-    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+    site: Site, durable_redis: RedisServer, three_hosts: tuple[str, ...]
 ):
+    redis_server = durable_redis
     for host in three_hosts:
         site.set_pages(host, 20)
-    settings = _cluster(redis_server, POLITE_DELAY=0.3, POLITE_REDIS_RETRY_INTERVAL=0.5)
+    settings = _cluster(
+        redis_server, POLITE_DELAY=0.3, POLITE_REDIS_RETRY_INTERVAL=0.5, POLITE_CLUSTER_LEASE=10
+    )
     urls = json.dumps([site.url(h, "/") for h in three_hosts])
     started = [start_crawl(SPIDER, settings, args={"urls": urls}) for _ in range(3)]
     deadline = time.monotonic() + 30

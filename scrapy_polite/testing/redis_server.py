@@ -37,9 +37,14 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    """A ``redis-server`` child process; a context manager, or ``start()``/``stop()``."""
+    """A ``redis-server`` child process; a context manager, or ``start()``/``stop()``.
 
-    def __init__(self, port: int | None = None) -> None:
+    With *persist*, it keeps its data across ``stop()`` and ``start()`` (an append-only
+    file in its temporary folder), as a production Redis does across a restart.
+    """
+
+    def __init__(self, port: int | None = None, *, persist: bool = False) -> None:
+        self.persist = persist
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._dir = tempfile.mkdtemp(prefix="polite-redis-")
@@ -70,7 +75,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 self._dir,
                 "--daemonize",
