@@ -57,6 +57,7 @@ __all__ = [
     "redact",
     "redis_from_settings",
     "redis_url",
+    "required_redis_url",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,19 @@ def redis_url(settings: BaseSettings, override: str | None = None) -> str | None
         port = settings.get("REDIS_PORT") or 6379
         return f"redis://{host}:{port}"
     return None
+
+
+def required_redis_url(settings: BaseSettings, override: str, needed_for: str) -> str:
+    """:func:`redis_url`, or a start-up error naming *override* when there is none."""
+    url = redis_url(settings, override)
+    if url is None:
+        raise PoliteSettingError(
+            override,
+            None,
+            f"a redis://, rediss:// or unix:// URL for {needed_for} "
+            "(or set POLITE_REDIS_URL, or scrapy-redis's REDIS_URL)",
+        )
+    return url
 
 
 def redis_from_settings(settings: BaseSettings, url: str) -> redis.Redis:

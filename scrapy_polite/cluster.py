@@ -53,7 +53,14 @@ from scrapy import signals
 from scrapy.utils.misc import load_object
 from scrapy.utils.request import request_from_dict
 
-from scrapy_polite._redis import Command, RedisLink, RedisUnavailable, domain_key, redis_url
+from scrapy_polite._redis import (
+    Command,
+    RedisLink,
+    RedisUnavailable,
+    domain_key,
+    redis_url,
+    required_redis_url,
+)
 from scrapy_polite._settings import PoliteSettingError, get_float
 from scrapy_polite.robots import requests_held_at_close
 
@@ -109,13 +116,7 @@ class ClusterConfig:
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
-        url = redis_url(settings, URL_SETTING)
-        if url is None:
-            raise PoliteSettingError(
-                URL_SETTING,
-                None,
-                "a Redis URL for cluster mode (or POLITE_REDIS_URL, or scrapy-redis's REDIS_URL)",
-            )
+        url = required_redis_url(settings, URL_SETTING, "cluster mode")
         lease = get_float(settings, "POLITE_CLUSTER_LEASE", 30.0, minimum=1, maximum=86400)
         # Heartbeats at least every second: a worker alone during an outage widens its gaps
         # by the live workers it last counted, so the count must be fresh.

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, cast
 import redis
 
 from scrapy_polite._httpcache_entry import CacheEntryError, decode_entry, encode_entry
-from scrapy_polite._redis import RedisLink, RedisUnavailable, redis_url
-from scrapy_polite._settings import PoliteSettingError, get_float, get_int, get_str
+from scrapy_polite._redis import RedisLink, RedisUnavailable, required_redis_url
+from scrapy_polite._settings import get_float, get_int, get_str
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -79,14 +79,7 @@ class HttpCacheConfig:
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
-        url = redis_url(settings, URL_SETTING)
-        if url is None:
-            raise PoliteSettingError(
-                URL_SETTING,
-                None,
-                "a redis://, rediss:// or unix:// URL for the HTTP cache "
-                "(or set POLITE_REDIS_URL, or scrapy-redis's REDIS_URL)",
-            )
+        url = required_redis_url(settings, URL_SETTING, "the HTTP cache")
         prefix = get_str(settings, "POLITE_HTTPCACHE_PREFIX", DEFAULT_PREFIX)
         namespace = get_str(settings, "POLITE_HTTPCACHE_NAMESPACE", None, allow_none=True)
         assert prefix is not None

@@ -41,6 +41,19 @@ def _workers(
     return [_finished(*s) for s in started]
 
 
+def _start_workers(
+    site: Site, hosts: tuple[str, ...], settings: dict[str, Any], *, until_pages: int
+) -> list[Any]:
+    """Start three workers; return once the site has served *until_pages* pages."""
+    urls = json.dumps([site.url(h, "/") for h in hosts])
+    started = [start_crawl(SPIDER, settings, args={"urls": urls}) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while len(site.page_hits()) < until_pages:
+        assert time.monotonic() < deadline, "the crawl did not start"
+        time.sleep(0.05)
+    return started
+
+
 def _finished(*started: Any) -> CrawlResult:
     result = finish_crawl(*started, timeout=240)
     assert result.returncode == 0, result.log[-4000:]
@@ -121,12 +134,7 @@ def test_workers_pace_alone_while_redis_is_away_and_rejoin_when_it_is_back(
     settings = _cluster(
         redis_server, POLITE_DELAY=0.3, POLITE_REDIS_RETRY_INTERVAL=0.5, POLITE_CLUSTER_LEASE=10
     )
-    urls = json.dumps([site.url(h, "/") for h in three_hosts])
-    started = [start_crawl(SPIDER, settings, args={"urls": urls}) for _ in range(3)]
-    deadline = time.monotonic() + 30
-    while len(site.page_hits()) < 15:
-        assert time.monotonic() < deadline, "the crawl did not start"
-        time.sleep(0.05)
+    started = _start_workers(site, three_hosts, settings, until_pages=15)
     redis_server.stop()
     down_at = time.monotonic()
     time.sleep(3)
@@ -149,12 +157,7 @@ def test_a_stopped_worker_hands_back_its_requests_and_a_killed_ones_come_back_af
     for host in three_hosts:
         site.set_pages(host, 20)
     settings = _cluster(redis_server, POLITE_DELAY=0.2, CONCURRENT_REQUESTS_PER_DOMAIN=2)
-    urls = json.dumps([site.url(h, "/") for h in three_hosts])
-    started = [start_crawl(SPIDER, settings, args={"urls": urls}) for _ in range(3)]
-    deadline = time.monotonic() + 30
-    while len(site.page_hits()) < 12:
-        assert time.monotonic() < deadline, "the crawl did not start"
-        time.sleep(0.05)
+    started = _start_workers(site, three_hosts, settings, until_pages=12)
     stopped, killed, survivor = started
     os.kill(stopped[0].pid, signal.SIGTERM)
     os.kill(killed[0].pid, signal.SIGKILL)
