@@ -252,7 +252,7 @@ def test_two_scrapyd_jobs_share_one_crawl_and_the_one_left_finishes_it_politely(
     for log in logs:
         assert "Traceback" not in log
         assert "cluster mode on" in log
-        assert "'polite/cluster/reserved'" in log  # the jobs' stats, in their logs
+        assert "'polite/cluster/queue/pops'" in log  # the jobs' stats, in their logs
     every = {f"/p/{i}" for i in range(12)}
     for host in hosts:
         pages = [h.path for h in site.page_hits(host) if h.path.startswith("/p/")]
