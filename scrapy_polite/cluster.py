@@ -206,9 +206,15 @@ return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 
 @dataclass(frozen=True)
 class Grant:
-    """A reserved departure: leave in ``wait`` seconds; what the domain's hash said."""
+    """A reserved departure: leave in ``wait`` seconds; what the domain's hash said.
+
+    ``due`` is when the departure was due on this worker's clock: the script ran
+    no sooner than half the fastest round trip after the request, so a reply
+    that was slow to come back makes the departure late, and reported as such.
+    """
 
     wait: float
+    due: float  # time.monotonic() of the reserved departure, at the earliest
     backoff: float
     crawl_delay: float
     start_us: int  # the departure on the Redis server's clock
@@ -236,6 +242,7 @@ class SharedPace:
         self._ttl_ms = int(max(3600.0, 10 * config.lease) * 1000)  # idle domains expire
         self._stats = crawler.stats
         self._latencies: deque[float] = deque(maxlen=100_000)  # of reservations, seconds
+        self._fastest = 0.0  # the fastest reservation's round trip, once there is one
         self.retry_interval = self._link.retry_interval
         self.shown_url = self._link.shown_url
 
@@ -245,9 +252,17 @@ class SharedPace:
         wait, backoff, crawl_delay, start, gap_us = await self._script(
             _RESERVE, domain, int(gap * _US), int(cap * _US), self._ttl_ms
         )
-        self._latencies.append(monotonic() - asked)
+        took = monotonic() - asked
+        self._latencies.append(took)
+        self._fastest = min(self._fastest, took) if self._fastest else took
+        wait_s = int(wait) / _US
         return Grant(
-            int(wait) / _US, int(backoff) / _US, int(crawl_delay) / _US, int(start), int(gap_us)
+            wait_s,
+            asked + self._fastest / 2 + wait_s,
+            int(backoff) / _US,
+            int(crawl_delay) / _US,
+            int(start),
+            int(gap_us),
         )
 
     async def confirm(self, domain: str, grant: Grant) -> float:

@@ -386,6 +386,7 @@ class _SharedDomainPace(_DomainPace):
         "_alone_until",
         "_asking",
         "_confirm",
+        "_due",
         "_grant",
         "_grant_at",
         "_grant_for",
@@ -412,7 +413,8 @@ class _SharedDomainPace(_DomainPace):
         self._retry_interval = retry_interval
         self._asking = False
         self._grant_for: float | None = None  # the slot's lastseen the grant is for
-        self._grant_at = 0.0
+        self._grant_at = 0.0  # when the reserved departure leaves
+        self._due = 0.0  # when it was due, at the earliest (see Grant.due)
         self._grant: Grant | None = None  # the last reservation
         self._unreported = False  # its departure has not started yet
         self._alone_until = 0.0
@@ -469,6 +471,7 @@ class _SharedDomainPace(_DomainPace):
         last = max(lastseen, self.last_start)  # when this worker's last request left
         own = last + self.floor() if last else 0.0
         self._grant_at = max(now + grant.wait, own)
+        self._due = grant.due  # lateness counts from here: a slow reply is lateness too
         self._grant_for = lastseen
         self._grant = grant
         self._unreported = True
@@ -495,11 +498,12 @@ class _SharedDomainPace(_DomainPace):
         if shift > 0 and self._grant_for == lastseen:
             self._stats.inc_value("polite/cluster/shifted")
             self._grant_at += shift
+            self._due += shift
             self.wake()
 
     def started(self, now: float) -> None:
         super().started(now)
-        grant, late = self._grant, now - self._grant_at
+        grant, late = self._grant, now - self._due
         if not self._unreported or grant is None:
             return
         self._unreported = False

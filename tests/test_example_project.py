@@ -258,6 +258,6 @@ def test_two_scrapyd_jobs_share_one_crawl_and_the_one_left_finishes_it_politely(
         pages = [h.path for h in site.page_hits(host) if h.path.startswith("/p/")]
         assert set(pages) == every, host  # every page, one job or the other
         assert len(pages) <= 12 + 2, host  # again at most what the cancelled job had in flight
-        assert min(site.gaps(host)) >= FLOOR - EPS, host
+        assert min(site.gaps(host)) >= FLOOR - EPS, (host, site.gaps(host))
     urls = {json.loads(i)["url"] for job in jobs for i in _job_items(tmp_path, job)}
     assert urls == {site.url(h, p) for h in hosts for p in every}  # no item lost
