@@ -155,7 +155,8 @@ class RedisLink:
         self.client = redis_from_settings(settings, url)
         self._settings = settings
         self._stats = stats
-        self._aio: redis.asyncio.Redis | None = None
+        self._aio: redis.asyncio.Redis | None = None  # awaited calls, asyncio reactor
+        self._threaded: redis.Redis | None = None  # awaited calls, in threads, other reactors
         # GETs on the reactor thread go through one connection of their own,
         # without the pool's bookkeeping on every call (the cache's hot path).
         self._reader = self.client.connection_pool.make_connection()
@@ -198,6 +199,9 @@ class RedisLink:
             del self._registry[self.url]
         self._reader.disconnect()  # type: ignore[no-untyped-call]
         self.client.close()
+        if self._threaded is not None:
+            self._threaded.close()
+            self._threaded = None
         if self._aio is not None:
             from scrapy.utils.defer import deferred_from_coro
 
@@ -268,7 +272,8 @@ class RedisLink:
             from redis.asyncio.retry import Retry as AsyncRetry
 
             self._aio = redis.asyncio.Redis.from_url(
-                self.url, **_client_params(self._settings, AsyncRetry(NoBackoff(), 0))
+                self.url,
+                **_client_params(self._settings, AsyncRetry(NoBackoff(), 0), awaited=True),
             )
         pipe = self._aio.pipeline(transaction=False)
         for command in commands:
@@ -279,8 +284,12 @@ class RedisLink:
         from scrapy.utils.defer import maybe_deferred_to_future
         from twisted.internet.threads import deferToThread
 
+        if self._threaded is None:
+            self._threaded = redis.Redis.from_url(
+                self.url, **_client_params(self._settings, Retry(NoBackoff(), 0), awaited=True)
+            )
         replies: list[Any] = await maybe_deferred_to_future(
-            deferToThread(_run_pipeline, self.client, commands)
+            deferToThread(_run_pipeline, self._threaded, commands)
         )
         return replies
 
@@ -324,6 +333,10 @@ class RedisLink:
             self._stats.inc_value(f"polite/redis/{event}", count)
 
 
+# Awaited calls wait this many times POLITE_REDIS_TIMEOUT.
+_AWAITED_TIMEOUT_FACTOR = 4
+
+
 def _run_pipeline(client: redis.Redis, commands: Sequence[Command]) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     for command in commands:
@@ -331,8 +344,12 @@ def _run_pipeline(client: redis.Redis, commands: Sequence[Command]) -> list[Any]
     return list(pipe.execute(raise_on_error=False))
 
 
-def _client_params(settings: BaseSettings, retry: Any) -> dict[str, Any]:
+def _client_params(settings: BaseSettings, retry: Any, *, awaited: bool = False) -> dict[str, Any]:
     timeout = get_float(settings, "POLITE_REDIS_TIMEOUT", 0.5, minimum=0.001, maximum=60)
+    if awaited:
+        # An awaited call holds no reactor, only its own caller: a loaded Redis (or
+        # worker) gets longer to answer before the component falls back.
+        timeout *= _AWAITED_TIMEOUT_FACTOR
     params: dict[str, Any] = {
         k: v for k, v in settings.getdict("REDIS_PARAMS").items() if k != "redis_cls"
     }
