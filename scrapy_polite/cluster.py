@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCRAPY_REDIS_SCHEDULER",
+    "Busy",
     "ClusterConfig",
     "DomainQueue",
     "DupeFilter",
@@ -89,6 +90,9 @@ _LEASE = "_polite_lease"  # meta key: the lease of a request handed out by the q
 SCRAPY_REDIS_SCHEDULER = "scrapy_redis.scheduler.Scheduler"
 URL_SETTING = "POLITE_CLUSTER_REDIS_URL"
 _US = 1_000_000
+# A turn not reported as departed within this many seconds of its start was lost (its
+# worker died, or dropped the request): the next worker may take the domain's turn.
+_TURN_LEASE = 5.0
 
 # -- settings ---------------------------------------------------------------------------
 
@@ -130,15 +134,29 @@ _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
+# A domain has one turn at a time: the reservation of its next departure, held by the
+# worker it was given to until that worker reports the departure (or the turn's lease
+# ends: a lost worker). The next turn counts its gap from the reported departure, so
+# a worker that left late, or whose reply came late, never brings the next one closer.
+# KEYS: the pace hash; ARGV: gap (us), cap (us), ttl (ms), worker, turn lease (us).
+# Returns {wait, backoff, crawl_delay, start, gap}, or {-1, backoff, crawl_delay,
+# due in (us), 0} while another worker holds the turn.
 _RESERVE = (
     _NOW
     + """
-local f = redis.call('HMGET', KEYS[1], 'next', 'hold', 'backoff', 'crawl_delay')
-local nxt, hold = tonumber(f[1]) or 0, tonumber(f[2]) or 0
+local f = redis.call('HMGET', KEYS[1], 'floor', 'hold', 'backoff', 'crawl_delay',
+  'turn', 'turn_start', 'turn_until', 'turn_gap')
+local floor, hold = tonumber(f[1]) or 0, tonumber(f[2]) or 0
 local backoff, cd = tonumber(f[3]) or 0, tonumber(f[4]) or 0
+local turn_start = tonumber(f[6]) or 0
+if f[5] and f[5] ~= ARGV[4] then
+  if now < (tonumber(f[7]) or 0) then return {-1, backoff, cd, turn_start - now, 0} end
+  floor = math.max(floor, turn_start + (tonumber(f[8]) or 0))  -- a lost turn: say it left
+end
 local gap = math.min(math.max(tonumber(ARGV[1]), cd) + backoff, tonumber(ARGV[2]))
-local start = math.max(now, nxt, hold)
-redis.call('HSET', KEYS[1], 'next', start + gap, 'gap', gap)
+local start = math.max(now, floor, hold)
+redis.call('HSET', KEYS[1], 'floor', floor, 'turn', ARGV[4], 'turn_start', start,
+  'turn_until', start + tonumber(ARGV[5]), 'turn_gap', gap, 'next', start + gap, 'gap', gap)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {start - now, backoff, cd, start, gap}
 """
@@ -155,29 +173,39 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return backoff
 """
 )
-# Just before a reserved departure: the later of any hold (Retry-After) and the
-# earliest the departures already made or confirmed allow ('floor_at'); if that is past
-# the reserved start, the departure moves there, and the ones after it move too.
+# Just before a reserved departure: the later of any hold (Retry-After) and the floor;
+# if that is past the reserved start, the turn moves there. ARGV: start (us), worker.
 _CONFIRM = """
-local f = redis.call('HMGET', KEYS[1], 'hold', 'floor_at', 'next')
-local start, gap = tonumber(ARGV[1]), tonumber(ARGV[2])
-local hold, floor_at, nxt = tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0
-local shift = math.max(0, math.max(hold, floor_at) - start)
-local after = start + shift + gap
-redis.call('HSET', KEYS[1], 'floor_at', math.max(floor_at, after), 'next', math.max(nxt, after))
+local f = redis.call('HMGET', KEYS[1], 'hold', 'floor', 'turn', 'turn_gap', 'turn_until')
+local start = tonumber(ARGV[1])
+local shift = math.max(0, math.max(tonumber(f[1]) or 0, tonumber(f[2]) or 0) - start)
+if shift > 0 and f[3] == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'turn_start', start + shift, 'next',
+    start + shift + (tonumber(f[4]) or 0), 'turn_until', (tonumber(f[5]) or 0) + shift)
+end
 return shift
 """
-# A departure that left later than reserved: the next ones count from when it left.
-_LATE = (
+# The turn's request left: the next turn starts one gap after now (the report comes
+# after the departure, never before). ARGV: gap (us), worker.
+_DEPARTED = (
     _NOW
     + """
-local f = redis.call('HMGET', KEYS[1], 'floor_at', 'next')
+local f = redis.call('HMGET', KEYS[1], 'floor', 'next', 'turn')
 local after = now + tonumber(ARGV[1])
-redis.call('HSET', KEYS[1], 'floor_at', math.max(tonumber(f[1]) or 0, after),
+redis.call('HSET', KEYS[1], 'floor', math.max(tonumber(f[1]) or 0, after),
   'next', math.max(tonumber(f[2]) or 0, after))
+if f[3] == ARGV[2] then redis.call('HDEL', KEYS[1], 'turn', 'turn_start', 'turn_until') end
 return 1
 """
 )
+# The worker stops with a turn it did not use: the next worker need not wait for it.
+_GIVE_BACK = """
+if redis.call('HGET', KEYS[1], 'turn') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'turn', 'turn_start', 'turn_until')
+  redis.call('HSET', KEYS[1], 'next', redis.call('HGET', KEYS[1], 'floor') or 0)
+end
+return 1
+"""
 _RECOVER = """
 local backoff = (tonumber(redis.call('HGET', KEYS[1], 'backoff')) or 0) * tonumber(ARGV[1])
 if backoff < 1000 then backoff = 0 end
@@ -188,8 +216,9 @@ _CRAWL_DELAY = (
     _NOW
     + """
 local cd = tonumber(ARGV[1])
-local nxt = math.max(tonumber(redis.call('HGET', KEYS[1], 'next')) or 0, now + cd)
-redis.call('HSET', KEYS[1], 'crawl_delay', cd, 'next', nxt)
+local f = redis.call('HMGET', KEYS[1], 'next', 'floor')
+redis.call('HSET', KEYS[1], 'crawl_delay', cd, 'next', math.max(tonumber(f[1]) or 0, now + cd),
+  'floor', math.max(tonumber(f[2]) or 0, now + cd))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return cd
 """
@@ -206,11 +235,10 @@ return redis.call('ZCOUNT', KEYS[1], now, '+inf')
 
 @dataclass(frozen=True)
 class Grant:
-    """A reserved departure: leave in ``wait`` seconds; what the domain's hash said.
+    """A domain's turn: leave in ``wait`` seconds; what the domain's hash said.
 
     ``due`` is when the departure was due on this worker's clock: the script ran
-    no sooner than half the fastest round trip after the request, so a reply
-    that was slow to come back makes the departure late, and reported as such.
+    no sooner than half the fastest round trip after the request.
     """
 
     wait: float
@@ -219,6 +247,16 @@ class Grant:
     crawl_delay: float
     start_us: int  # the departure on the Redis server's clock
     gap_us: int  # the gap it holds before the next one
+    turn: int  # this worker's number for the turn
+
+
+@dataclass(frozen=True)
+class Busy:
+    """Another worker holds the domain's turn; its departure is due in ``due_in`` s."""
+
+    due_in: float
+    backoff: float
+    crawl_delay: float
 
 
 class SharedPace:
@@ -246,15 +284,27 @@ class SharedPace:
         self.retry_interval = self._link.retry_interval
         self.shown_url = self._link.shown_url
 
-    async def reserve(self, domain: str, gap: float, cap: float) -> Grant:
-        """Reserve the domain's next departure, *gap* (seconds) before the one after."""
+    async def reserve(self, domain: str, gap: float, cap: float, turn: int) -> Grant | Busy:
+        """Take the domain's turn, *gap* (seconds) before the next one; or learn it is taken.
+
+        *turn* numbers this worker's turns of the domain: asking again with the
+        number of a turn not yet used replaces it (the domain had to slow down).
+        """
         asked = monotonic()
         wait, backoff, crawl_delay, start, gap_us = await self._script(
-            _RESERVE, domain, int(gap * _US), int(cap * _US), self._ttl_ms
+            _RESERVE,
+            domain,
+            int(gap * _US),
+            int(cap * _US),
+            self._ttl_ms,
+            f"{self.worker}#{turn}",
+            int(_TURN_LEASE * _US),
         )
         took = monotonic() - asked
         self._latencies.append(took)
         self._fastest = min(self._fastest, took) if self._fastest else took
+        if int(wait) < 0:
+            return Busy(int(start) / _US, int(backoff) / _US, int(crawl_delay) / _US)
         wait_s = int(wait) / _US
         return Grant(
             wait_s,
@@ -263,15 +313,21 @@ class SharedPace:
             int(crawl_delay) / _US,
             int(start),
             int(gap_us),
+            turn,
         )
 
     async def confirm(self, domain: str, grant: Grant) -> float:
-        """Seconds the reserved departure must move (a hold, or a late departure before it)."""
-        return int(await self._script(_CONFIRM, domain, grant.start_us, grant.gap_us)) / _US
+        """Seconds the turn's departure must move (a hold learnt since it was given)."""
+        token = f"{self.worker}#{grant.turn}"
+        return int(await self._script(_CONFIRM, domain, grant.start_us, token)) / _US
 
-    async def departed_late(self, domain: str, gap_us: int) -> None:
-        """A departure left late: the next ones keep *gap_us* from when it really left."""
-        await self._script(_LATE, domain, gap_us)
+    async def departed(self, domain: str, grant: Grant) -> None:
+        """The turn's request left: the next turn is its gap from now."""
+        await self._script(_DEPARTED, domain, grant.gap_us, f"{self.worker}#{grant.turn}")
+
+    async def give_back(self, domain: str, grant: Grant) -> None:
+        """This worker's turn of *domain* will not be used: free it for the others."""
+        await self._script(_GIVE_BACK, domain, f"{self.worker}#{grant.turn}")
 
     async def back_off(
         self, domain: str, base: float, factor: float, cap: float, retry_after: float

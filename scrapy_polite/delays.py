@@ -55,7 +55,7 @@ from scrapy_polite._settings import (
     get_int,
     robots_user_agent,
 )
-from scrapy_polite.cluster import ClusterConfig, Grant, SharedPace, cluster_enabled
+from scrapy_polite.cluster import Busy, ClusterConfig, Grant, SharedPace, cluster_enabled
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -370,12 +370,15 @@ class _DomainPace:
 
 
 class _SharedDomainPace(_DomainPace):
-    """A domain's pace in cluster mode: each departure is reserved in Redis.
+    """A domain's pace in cluster mode: each departure is a turn given by Redis.
 
     When its slot has a request ready, :meth:`wait` parks the slot and asks
-    :class:`~scrapy_polite.cluster.SharedPace` for the domain's next departure
-    (one atomic script on the Redis server's clock); the answer wakes the slot,
-    which leaves at the reserved time. A reservation more than
+    :class:`~scrapy_polite.cluster.SharedPace` for the domain's turn (one
+    atomic script on the Redis server's clock). Redis gives a domain one turn
+    at a time, and counts the next turn's gap from when the worker holding the
+    turn reports its departure: a worker that left late, or heard late, cannot
+    bring the next request closer. While another worker holds the turn, this
+    one asks again just after that departure is due. A turn more than
     ``_CONFIRM_AHEAD`` seconds ahead is confirmed just before it is used, so a
     ``Retry-After`` another worker learnt meanwhile still holds it back. While
     Redis is unreachable the domain is paced here alone, gaps times the live
@@ -385,14 +388,17 @@ class _SharedDomainPace(_DomainPace):
     __slots__ = (
         "_alone_until",
         "_asking",
+        "_busy",
         "_confirm",
         "_due",
         "_grant",
         "_grant_at",
         "_grant_for",
         "_learnt",
+        "_poll",
         "_retry_interval",
         "_shared",
+        "_turn",
         "_unreported",
     )
 
@@ -411,14 +417,19 @@ class _SharedDomainPace(_DomainPace):
         self._shared = shared
         self._learnt = learnt  # tells the middleware the domain backs off
         self._retry_interval = retry_interval
-        self._asking = False
-        self._grant_for: float | None = None  # the slot's lastseen the grant is for
-        self._grant_at = 0.0  # when the reserved departure leaves
-        self._due = 0.0  # when it was due, at the earliest (see Grant.due)
-        self._grant: Grant | None = None  # the last reservation
-        self._unreported = False  # its departure has not started yet
+        self._asking = False  # a turn is being asked for (or will be, after a busy reply)
+        self._busy = 0  # busy replies in a row whose departure was already due
+        self._grant_for: float | None = None  # the slot's lastseen the turn is for
+        self._grant_at = 0.0  # when the turn's request leaves
+        self._due = 0.0  # when the turn was due, at the earliest (see Grant.due)
+        self._grant: Grant | None = None  # the last turn
+        self._unreported = False  # its departure has not been reported yet
         self._alone_until = 0.0
         self._confirm: CallLaterResult | None = None
+        self._poll: CallLaterResult | None = None
+        # This worker's turns of the domain, numbered: a turn not yet used (voided)
+        # is asked for again under its number, so Redis replaces it.
+        self._turn = 0
 
     def wait(self, lastseen: float, slot_delay: float, ready: bool = True) -> float:
         if monotonic() < self._alone_until:
@@ -428,60 +439,73 @@ class _SharedDomainPace(_DomainPace):
         if self._grant_for == lastseen:
             return max(self._grant_at - lastseen, hold, _TINY)
         if not ready:
-            return 0.0  # nothing can leave: no reservation for nothing
+            return 0.0  # nothing can leave: no turn for nothing
         if not self._asking:
             self._asking = True
             floor = self.floor()
             gap = max(self.range.raised_to(floor).draw(self._rng), slot_delay, floor)
-            # A little more than drawn: a worker's request can reach the site a few ms
-            # after its reserved time, and the next one, another worker's, on time.
+            # A little more than drawn: a request can take a few ms more to reach
+            # the site from one worker than the next one does from another.
             gap += min(_MARGIN_MAX, max(_MARGIN_MIN, _MARGIN_SHARE * gap)) if gap else 0.0
-            _spawn(self._reserve(lastseen, gap), f"reserving a departure to {self.key}")
+            self._ask(lastseen, gap)
         return monotonic() - lastseen + _PARKED  # counted from lastseen, like every wait
 
     def void(self) -> None:
-        """Forget the reserved departure (the domain must slow down): ask again."""
+        """Forget the turn (the domain must slow down): ask again, for a new one."""
         self._grant_for = None
-        self._cancel_confirm()
+        self._cancel(self._confirm)
+        self._confirm = None
         self.wake()
+
+    def _ask(self, lastseen: float, gap: float) -> None:
+        self._poll = None
+        _spawn(self._reserve(lastseen, gap), f"reserving a departure to {self.key}")
 
     async def _reserve(self, lastseen: float, gap: float) -> None:
         try:
-            for attempt in range(_SLOW_RETRIES + 1):
-                asked = monotonic()
-                grant = await self._shared.reserve(self.key, gap, self.cap)
-                # An answer that took long may come when its departure is already due
-                # elsewhere in the schedule: leave that one empty and reserve again.
-                if monotonic() - asked <= _SLOW_REPLY or attempt == _SLOW_RETRIES:
-                    break
-                self._stats.inc_value("polite/cluster/slow_replies")
+            reply = await self._shared.reserve(self.key, gap, self.cap, self._turn)
         except RedisUnavailable:
+            self._asking = False
             self._alone(lastseen)
             return
-        finally:
-            self._asking = False
-        if grant.crawl_delay > self.crawl_delay:
-            self.crawl_delay = grant.crawl_delay
-        if grant.backoff != self.backoff:
-            self.backoff = grant.backoff
-            self._learnt(self)
+        self._learn(reply.backoff, reply.crawl_delay)
+        if isinstance(reply, Busy):
+            # Another worker's turn: ask again just after its departure is due, then
+            # more and more slowly while its report does not come.
+            self._stats.inc_value("polite/cluster/busy")
+            if reply.due_in > 0:
+                self._busy, after = 0, reply.due_in + _POLL
+            else:
+                self._busy += 1
+                after = min(_POLL * 2**self._busy, _POLL_MAX)
+            self._poll = call_later(after, self._ask, lastseen, gap)
+            return
+        self._asking = False
+        self._busy = 0
         now = monotonic()
         # Never closer than the floor to this worker's own last departure either
         # (it paced alone a moment ago, or Redis lost its state).
         last = max(lastseen, self.last_start)  # when this worker's last request left
         own = last + self.floor() if last else 0.0
-        self._grant_at = max(now + grant.wait, own)
-        self._due = grant.due  # lateness counts from here: a slow reply is lateness too
+        self._grant_at = max(now + reply.wait, own)
+        self._due = reply.due
         self._grant_for = lastseen
-        self._grant = grant
-        self._unreported = True
+        self._grant = reply
+        self._unreported = True  # a new turn is asked for once this one is reported
         self._stats.inc_value("polite/cluster/reserved")
         if self._grant_at - now > _CONFIRM_AHEAD:
-            self._cancel_confirm()
+            self._cancel(self._confirm)
             self._confirm = call_later(
                 self._grant_at - now - _CONFIRM_AHEAD, self._confirm_later, lastseen
             )
         self.wake()
+
+    def _learn(self, backoff: float, crawl_delay: float) -> None:
+        if crawl_delay > self.crawl_delay:
+            self.crawl_delay = crawl_delay
+        if backoff != self.backoff:
+            self.backoff = backoff
+            self._learnt(self)
 
     def _confirm_later(self, lastseen: float) -> None:
         self._confirm = None
@@ -494,7 +518,7 @@ class _SharedDomainPace(_DomainPace):
         try:
             shift = await self._shared.confirm(self.key, grant)
         except RedisUnavailable:
-            return  # keep the reservation: Redis can hold nothing back now
+            return  # keep the turn: Redis can hold nothing back now
         if shift > 0 and self._grant_for == lastseen:
             self._stats.inc_value("polite/cluster/shifted")
             self._grant_at += shift
@@ -503,15 +527,26 @@ class _SharedDomainPace(_DomainPace):
 
     def started(self, now: float) -> None:
         super().started(now)
-        grant, late = self._grant, now - self._due
+        grant = self._grant
         if not self._unreported or grant is None:
             return
         self._unreported = False
-        if late > _LATE:
-            # The departures reserved after this one count their gaps from when it left.
+        self._turn += 1
+        if now - self._due > _LATE:
             self._stats.inc_value("polite/cluster/late")
-            report = self._shared.departed_late(self.key, grant.gap_us)
-            _spawn(_shared_call(report), f"reporting a late departure to {self.key}")
+        # The next turn, this worker's or another's, counts its gap from this report.
+        report = self._shared.departed(self.key, grant)
+        _spawn(_shared_call(report), f"reporting a departure to {self.key}")
+
+    async def close(self) -> None:
+        """The worker stops: ask for nothing more, and give back a turn it did not use."""
+        for call in (self._poll, self._confirm):
+            self._cancel(call)
+        self._poll = self._confirm = None
+        self._grant_for = None
+        if self._unreported and self._grant is not None:
+            self._unreported = False
+            await self._shared.give_back(self.key, self._grant)
 
     def _alone(self, lastseen: float) -> None:
         if monotonic() >= self._alone_until:
@@ -520,26 +555,25 @@ class _SharedDomainPace(_DomainPace):
         self._drawn_for = (-1.0, -1)  # draw this departure's gap again, widened
         self.wake()
 
-    def _cancel_confirm(self) -> None:
-        if self._confirm is not None:
-            self._confirm.cancel()
-            self._confirm = None
+    @staticmethod
+    def _cancel(call: CallLaterResult | None) -> None:
+        if call is not None:
+            call.cancel()
 
 
 # A slot waiting for Redis's answer parks this long; the answer wakes it sooner.
 _PARKED = 60.0
 # A positive wait: Scrapy starts one request per wake-up only while the wait is non-zero.
 _TINY = 1e-6
-# A reservation further ahead than this is confirmed this long before it is used.
+# A turn further ahead than this is confirmed this long before it is used.
 _CONFIRM_AHEAD = 0.015
 # The margin added to each gap reserved in cluster mode: 5 % of it, 10 to 30 ms.
 _MARGIN_SHARE, _MARGIN_MIN, _MARGIN_MAX = 0.05, 0.01, 0.03
-# A departure this much later than reserved is reported, so the next ones keep their gap.
+# A departure this much later than due is counted late (stats only: it is reported anyway).
 _LATE = 0.002
-# A reservation answered slower than this is not trusted to be on time: asked again
-# (at most this many times).
-_SLOW_REPLY = 0.02
-_SLOW_RETRIES = 3
+# While another worker holds the turn: ask again this long after its departure is due,
+# then twice as long each time its report is still missing, up to _POLL_MAX.
+_POLL, _POLL_MAX = 0.005, 0.1
 
 
 def _nothing() -> None:
@@ -759,7 +793,10 @@ class PoliteDelayMiddleware:
         assert shared is not None
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        paces = [p for p in self._domains.values() if isinstance(p, _SharedDomainPace)]
         with contextlib.suppress(RedisUnavailable):
+            for pace in paces:
+                await pace.close()
             await shared.leave()
         shared.release()
 
