@@ -344,8 +344,25 @@ def _arrival_time(connection: socket.socket) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
             seconds, nanoseconds = struct.unpack("qq", data[:16])
-            return float(time.monotonic() - (time.time() - (seconds + nanoseconds / 1e9)))
+            return seconds + nanoseconds / 1e9 - _wall_minus_monotonic()
     return time.monotonic()
+
+
+def _wall_minus_monotonic() -> float:
+    """``time.time() - time.monotonic()``, read so that no thread switch skews it.
+
+    Another thread can run between two clock reads (the GIL changes hands every
+    few ms on a busy machine), which would move an arrival time by as much: of
+    three bracketed reads, the tightest is kept.
+    """
+    best_width, best = float("inf"), 0.0
+    for _ in range(3):
+        before = time.monotonic()
+        wall = time.time()
+        after = time.monotonic()
+        if after - before < best_width:
+            best_width, best = after - before, wall - (before + after) / 2
+    return best
 
 
 def main() -> None:
