@@ -344,7 +344,7 @@ def _arrival_time(connection: socket.socket) -> float:
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= 16:
             seconds, nanoseconds = struct.unpack("qq", data[:16])
-            return seconds + nanoseconds / 1e9 - _wall_minus_monotonic()
+            return float(seconds + nanoseconds / 1e9 - _wall_minus_monotonic())
     return time.monotonic()
 
 
