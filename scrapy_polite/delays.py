@@ -290,6 +290,7 @@ class _DomainPace:
     __slots__ = (
         "_drawn_for",
         "_gap",
+        "_opened",
         "_reported",
         "_rng",
         "_stats",
@@ -300,6 +301,7 @@ class _DomainPace:
         "key",
         "last_departure",
         "last_start",
+        "opening",
         "range",
         "revision",
         "wake",
@@ -323,6 +325,8 @@ class _DomainPace:
         self.last_departure = 0.0  # when the last request left the slot's queue
         self.last_start = 0.0  # when the last download started (closer to the wire)
         self.revision = 0  # bumped when the domain must slow down at once
+        self.opening = 0.0  # when the domain's first download started, until it is answered
+        self._opened = False
         self._rng = rng
         self._stats = stats
         self._drawn_for = (-1.0, -1)
@@ -339,6 +343,9 @@ class _DomainPace:
         self.revision += 1
 
     def wait(self, lastseen: float, slot_delay: float, ready: bool = True) -> float:
+        opening = self._opening_wait(lastseen)
+        if opening is not None:
+            return opening
         if self._drawn_for != (lastseen, self.revision):
             self._drawn_for = (lastseen, self.revision)
             self.last_departure = lastseen
@@ -354,6 +361,30 @@ class _DomainPace:
 
     def started(self, now: float) -> None:
         self.last_start = now
+        if not self._opened and not self.opening:
+            self.opening = now
+
+    def opened(self, now: float) -> None:
+        """A download of the domain ended (answered or failed).
+
+        The first one opened a connection, so it may have reached the site long
+        after it started; the gap after it counts from its answer, which came
+        after the site saw it. Later requests reuse the connection.
+        """
+        if self.opening:
+            self.opening = 0.0
+            self._opened = True
+            self.last_start = max(self.last_start, now)
+            self.wake()
+
+    def _opening_wait(self, lastseen: float) -> float | None:
+        """While the first download is out: the wait until it is answered (or given up on)."""
+        if not self.opening:
+            return None
+        if monotonic() - self.opening >= _OPENING_MAX:
+            self.opening, self._opened = 0.0, True  # a slow site: pace from the start
+            return None
+        return self.opening + _OPENING_MAX - lastseen
 
     def _draw(self, slot_delay: float) -> float:
         floor = self.floor()
@@ -432,6 +463,9 @@ class _SharedDomainPace(_DomainPace):
         self._turn = 0
 
     def wait(self, lastseen: float, slot_delay: float, ready: bool = True) -> float:
+        opening = self._opening_wait(lastseen)
+        if opening is not None:
+            return opening
         if monotonic() < self._alone_until:
             self.widen = float(self._shared.workers)
             return super().wait(lastseen, slot_delay, ready)
@@ -534,6 +568,17 @@ class _SharedDomainPace(_DomainPace):
         self._turn += 1
         if now - self._due > _LATE:
             self._stats.inc_value("polite/cluster/late")
+        if self.opening == now:
+            return  # the first request: its departure is reported when it is answered
+        self._report(grant)
+
+    def opened(self, now: float) -> None:
+        first = bool(self.opening)
+        super().opened(now)
+        if first and self._grant is not None and not self._unreported:
+            self._report(self._grant)
+
+    def _report(self, grant: Grant) -> None:
         # The next turn, this worker's or another's, counts its gap from this report.
         report = self._shared.departed(self.key, grant)
         _spawn(_shared_call(report), f"reporting a departure to {self.key}")
@@ -561,6 +606,8 @@ class _SharedDomainPace(_DomainPace):
             call.cancel()
 
 
+# A domain's first download holds the next one until it is answered, at most this long.
+_OPENING_MAX = 5.0
 # A slot waiting for Redis's answer parks this long; the answer wakes it sooner.
 _PARKED = 60.0
 # A positive wait: Scrapy starts one request per wake-up only while the wait is non-zero.
@@ -615,6 +662,7 @@ class PoliteDelayMiddleware:
             crawler.signals.connect(self._start_heartbeat, signal=signals.spider_opened)
             crawler.signals.connect(self._leave, signal=signals.spider_closed)
         crawler.signals.connect(self._robots_parsed, signal=signals.robots_parsed)
+        crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -684,6 +732,12 @@ class PoliteDelayMiddleware:
             stats_base_key="polite/delay/retry",
         )
         return retry or response
+
+    def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
+        assert self.crawler.engine is not None
+        pace = self._domains.get(self.crawler.engine.downloader.get_slot_key(request))
+        if pace is not None and pace.opening:
+            pace.opened(monotonic())
 
     def _recover(self, request: Request) -> None:
         """A success shrinks the domain's extra delay."""
