@@ -5,15 +5,24 @@
     SPHC/1\n{"status": 200, "url": ..., "headers": [[name, value], ...], ...}\n<body>
 
 a magic line, one line of JSON (status, URL, every header value in order,
-stored-at time, body encoding and size, response class), then the body, raw or
-zlib-compressed. :func:`decode_entry` checks every field and refuses bodies
+stored-at time, body encoding and size, and what ``Response.to_dict()`` adds:
+the response class, flags, protocol, IP address, a text response's declared
+encoding and the extra ``attributes`` a subclass declares), then the body, raw
+or zlib-compressed. :func:`decode_entry` checks every field and refuses bodies
 larger than announced (no zlib bombs); whatever it cannot read raises
 :class:`CacheEntryError`, which the storage counts as a miss.
+
+A class named in an entry is resolved only among modules already imported, and
+only if it is a ``Response`` subclass: nothing is imported or called on the
+strength of a name read from a shared Redis. A plain ``Response`` names no
+class, and comes back as the class Scrapy's downloader would have built
+(``HtmlResponse`` for an HTML page), as with Scrapy's own storages.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -22,22 +31,28 @@ from typing import Any
 from scrapy.http import Headers, HtmlResponse, JsonResponse, Response, TextResponse, XmlResponse
 from scrapy.responsetypes import responsetypes
 
+from scrapy_polite.serializer import from_json_value, to_json_value
+
 __all__ = ["MAGIC", "CacheEntry", "CacheEntryError", "decode_entry", "encode_entry"]
 
 #: The first bytes of every entry: the format's name and version.
 MAGIC = b"SPHC/1\n"
 
-# Response classes an entry may name; anything else is guessed from the
-# headers, URL and body, as Scrapy's downloader does. A class path read from
-# Redis is never imported.
-_CLASSES: dict[str, type[Response]] = {
+# The short class names of entries written before 0.2 (a dotted path since).
+_SHORT_NAMES: dict[str, type[Response]] = {
     "response": Response,
     "text": TextResponse,
     "html": HtmlResponse,
     "xml": XmlResponse,
     "json": JsonResponse,
 }
-_CLASS_NAMES = {cls: name for name, cls in _CLASSES.items()}
+# The attributes every entry stores in fields of its own; a subclass's other
+# ``attributes`` go in "attrs". A request and a certificate belong to one crawl.
+_OWN_FIELDS = frozenset(
+    ("url", "headers", "body", "flags", "status", "ip_address", "protocol", "encoding")
+)
+_NOT_STORED = frozenset(("request", "certificate"))
+_CACHED_FLAG = "cached"  # HttpCacheMiddleware's, added again on every hit
 
 # Bodies of these types are already compressed: zlib would spend time for nothing.
 _COMPRESSED_TYPES = (b"image/", b"audio/", b"video/", b"font/woff")
@@ -61,25 +76,40 @@ class CacheEntry:
     headers: list[tuple[str, str]]  # every value of every header, latin-1 text
     body: bytes
     stored_at: float  # Unix time
-    response_class: str | None = None
+    response_class: str | None = None  # a dotted path (or a short name before 0.2)
     protocol: str | None = None
     ip_address: str | None = None
+    encoding: str | None = None  # a text response's declared encoding
+    flags: tuple[str, ...] = ()
+    attributes: dict[str, Any] | None = None  # a subclass's own, as JSON data
 
     def response(self) -> Response:
-        headers: dict[bytes, list[bytes]] = {}
+        """The response, of its class; :class:`CacheEntryError` if that cannot be."""
+        headers = Headers()
         for name, value in self.headers:
-            headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
-        cls = _CLASSES.get(self.response_class or "") or responsetypes.from_args(
-            headers=Headers(headers), url=self.url, body=self.body
-        )
-        return cls(
-            url=self.url,
-            status=self.status,
-            headers=headers,
-            body=self.body,
-            protocol=self.protocol,
-            ip_address=ip_address(self.ip_address) if self.ip_address else None,
-        )
+            headers.appendlist(name.encode("latin-1"), value.encode("latin-1"))
+        if self.response_class is None:
+            cls = responsetypes.from_args(headers=headers, url=self.url, body=self.body)
+        else:
+            cls = _response_class(self.response_class)
+        fields: dict[str, Any] = {
+            "url": self.url,
+            "status": self.status,
+            "headers": headers,
+            "body": self.body,
+            "flags": list(self.flags),
+            "protocol": self.protocol,
+            "ip_address": ip_address(self.ip_address) if self.ip_address else None,
+        }
+        if self.encoding is not None and issubclass(cls, TextResponse):
+            fields["encoding"] = self.encoding
+        if self.attributes:
+            fields.update(from_json_value(self.attributes))
+        try:
+            from_dict = getattr(cls, "from_dict", None)  # Scrapy 2.19 on
+            return from_dict(fields) if from_dict is not None else cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise CacheEntryError(f"{cls.__name__} cannot be rebuilt: {exc}") from None
 
 
 def encode_entry(
@@ -119,13 +149,26 @@ def encode_entry(
         "body": encoding,
         "size": len(body),
     }
-    class_name = _CLASS_NAMES.get(type(response))
-    if class_name:
-        header["class"] = class_name
+    cls = type(response)
+    if cls is not Response:  # a plain Response comes back as the downloader would build it
+        header["class"] = f"{cls.__module__}.{cls.__name__}"
     if response.protocol:
         header["protocol"] = response.protocol
     if response.ip_address is not None:
         header["ip"] = str(response.ip_address)
+    # Only an encoding given to the constructor: one read from the headers or the
+    # body is found again from the same headers and body.
+    declared = getattr(response, "_encoding", None) if isinstance(response, TextResponse) else None
+    if declared:
+        header["encoding"] = declared
+    flags = [flag for flag in response.flags if flag != _CACHED_FLAG]
+    if flags:
+        header["flags"] = to_json_value(flags, "flags")
+    extra = [name for name in cls.attributes if name not in _OWN_FIELDS and name not in _NOT_STORED]
+    if extra:
+        header["attrs"] = to_json_value(
+            {name: getattr(response, name) for name in extra}, f"{cls.__name__} attribute"
+        )
     line = json.dumps(header, separators=(",", ":")).encode("ascii")
     return b"".join((MAGIC, line, b"\n", payload))
 
@@ -148,6 +191,9 @@ def decode_entry(data: bytes) -> CacheEntry:
             response_class=_typed(header.get("class"), (str, type(None))),
             protocol=_typed(header.get("protocol"), (str, type(None))),
             ip_address=_typed(header.get("ip"), (str, type(None))),
+            encoding=_typed(header.get("encoding"), (str, type(None))),
+            flags=tuple(_flags(header.get("flags", []))),
+            attributes=_typed(header.get("attrs"), (dict, type(None))),
         )
     except CacheEntryError:
         raise
@@ -156,6 +202,32 @@ def decode_entry(data: bytes) -> CacheEntry:
     if not 100 <= entry.status <= 999:
         raise CacheEntryError(f"bad status {entry.status}")
     return entry
+
+
+def _response_class(name: str) -> type[Response]:
+    """The class an entry names, if it is a loaded ``Response`` subclass.
+
+    Looked up in ``sys.modules`` and the module's namespace only: no import, no
+    module ``__getattr__``, no call. Anything else is a :class:`CacheEntryError`.
+    """
+    short = _SHORT_NAMES.get(name)
+    if short is not None:
+        return short
+    module_name, _, class_name = name.rpartition(".")
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise CacheEntryError(f"class {name!r}: module {module_name!r} is not loaded")
+    cls = vars(module).get(class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Response)):
+        raise CacheEntryError(f"{name!r} is not a Response class")
+    return cls
+
+
+def _flags(value: Any) -> list[str]:
+    flags: list[str] = _typed(value, list)
+    if not all(type(flag) is str for flag in flags):
+        raise CacheEntryError("flags are not text")
+    return flags
 
 
 def _already_compressed(headers: Headers) -> bool:

@@ -15,10 +15,12 @@ does not decode is a miss, counted in stats.
 
 Scrapy calls a storage synchronously on the reactor thread, so each call is
 one round trip bounded by ``POLITE_REDIS_TIMEOUT``, through the crawler's one
-Redis layer (:mod:`scrapy_polite._redis`). Stores are batched: they are
-written in one pipeline when ``POLITE_HTTPCACHE_WRITE_BATCH`` entries are
-waiting or ``POLITE_HTTPCACHE_WRITE_DELAY`` seconds have passed, and when the
-spider closes; a read sees the entries still waiting. When Redis fails, the
+Redis layer (:mod:`scrapy_polite._redis`). Once ``store_response`` returns,
+the entry is in Redis, as with Scrapy's own storages. Batched stores are an
+option (``POLITE_HTTPCACHE_WRITE_BATCH`` above 1): entries are then written in
+one pipeline when that many are waiting or ``POLITE_HTTPCACHE_WRITE_DELAY``
+seconds have passed, and when the spider closes; a read sees the entries still
+waiting. When Redis fails, the
 crawl goes on without the cache until the layer's retry window ends.
 """
 
@@ -98,7 +100,7 @@ class HttpCacheConfig:
                 settings, "POLITE_HTTPCACHE_MAX_BODY_SIZE", 8 * 1024 * 1024, minimum=0
             ),
             write_batch=get_int(
-                settings, "POLITE_HTTPCACHE_WRITE_BATCH", 64, minimum=1, maximum=10_000
+                settings, "POLITE_HTTPCACHE_WRITE_BATCH", 1, minimum=1, maximum=10_000
             ),
             write_delay=get_float(
                 settings, "POLITE_HTTPCACHE_WRITE_DELAY", 0.1, minimum=0, maximum=60
@@ -170,15 +172,16 @@ class RedisCacheStorage:
                 return None
         try:
             entry = decode_entry(data)
+            if self._ttl and time() - entry.stored_at > self._ttl:
+                self._inc("expired")
+                return None
+            response = entry.response()
         except CacheEntryError as exc:
             self._undecodable(key, str(exc))
             return None
-        if self._ttl and time() - entry.stored_at > self._ttl:
-            self._inc("expired")
-            return None
         self._inc("hit")
         request.meta["cache_timestamp"] = entry.stored_at
-        return entry.response()
+        return response
 
     def store_response(self, spider: Spider, request: Request, response: Response) -> None:
         # Scrapy does not catch what this raises, and the spider would lose the

@@ -18,7 +18,7 @@ import base64
 import json
 from typing import Any
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "from_json_value", "loads", "to_json_value"]
 
 _BYTES = "$b"
 
@@ -35,6 +35,16 @@ def loads(data: bytes | str) -> dict[str, Any]:
         raise ValueError("not a serialized request")
     decoded: dict[str, Any] = _decode(value)
     return decoded
+
+
+def to_json_value(value: Any, where: str) -> Any:
+    """*value* as plain JSON data, bytes tagged; :class:`TypeError` names *where* it fails."""
+    return _encode(value, where)
+
+
+def from_json_value(value: Any) -> Any:
+    """The value :func:`to_json_value` was given, back from its JSON data."""
+    return _decode(value)
 
 
 def _encode(value: Any, where: str) -> Any:

@@ -12,8 +12,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+import scrapy
 from scrapy import Spider
-from scrapy.http import HtmlResponse, Request
+from scrapy.http import HtmlResponse, Request, Response, TextResponse
 from scrapy.utils.test import get_crawler
 
 from scrapy_polite import PoliteSettingError
@@ -139,6 +140,121 @@ def test_pickled_payload_planted_in_redis_is_a_miss_and_is_never_run(
     assert not marker.exists()
     assert storage.stat("decode_error") == 1
     assert storage.stat("hit") == 0
+
+
+# -- what comes back: the semantics of Scrapy 2.19's own storages -----------------------
+
+
+class ApiResponse(TextResponse):
+    """A plugin's response class, with attributes of its own (as scrapy-zyte-api's)."""
+
+    attributes = (*TextResponse.attributes, "raw_api_response", "api_flags")
+
+    def __init__(self, *args, raw_api_response=None, api_flags=(), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.raw_api_response = raw_api_response
+        self.api_flags = list(api_flags)
+
+
+class Canary:
+    """Not a response: building one from a cache entry would be running planted code."""
+
+    calls = 0
+
+    def __init__(self, *args, **kwargs) -> None:
+        Canary.calls += 1
+
+
+def test_a_plain_response_of_an_html_page_comes_back_as_html_response(open_storage):
+    storage = open_storage()
+    typed = Response(
+        "http://example.com/typed", body=b"<p>x</p>", headers={"Content-Type": "text/html"}
+    )
+    sniffed = Response("http://example.com/sniffed", body=b"<!DOCTYPE html><html><p>x</p></html>")
+    binary = Response(
+        "http://example.com/blob",
+        body=b"\x00\x01",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    for response in (typed, sniffed, binary):
+        storage.store(response)
+    assert type(storage.retrieve(typed.url)) is HtmlResponse
+    assert type(storage.retrieve(sniffed.url)) is HtmlResponse
+    assert type(storage.retrieve(binary.url)) is Response
+
+
+def test_the_declared_encoding_is_kept_over_the_bodys_meta_charset(open_storage):
+    body = '<meta charset="iso-8859-1"><p>café</p>'.encode()
+    original = HtmlResponse("http://example.com/e", body=body, encoding="utf-8")
+    storage = open_storage()
+    storage.store(original)
+    cached = storage.retrieve(original.url)
+    assert cached is not None
+    assert cached.encoding == "utf-8"
+    assert cached.text == original.text
+    assert "café" in cached.text
+    # Without a declared one, the encoding is found again from the same headers and body.
+    inferred = HtmlResponse("http://example.com/i", body=body)
+    storage.store(inferred)
+    again = storage.retrieve(inferred.url)
+    assert again is not None
+    assert (again.encoding, again.text) == (inferred.encoding, inferred.text)
+
+
+def test_a_response_subclass_comes_back_as_itself_with_its_own_attributes(open_storage):
+    raw = {"statusCode": 200, "httpResponseBody": b"\xff\x00", "tags": ["a", "b"]}
+    original = ApiResponse(
+        "http://example.com/api",
+        body=b'{"ok": true}',
+        encoding="utf-8",
+        flags=["from-api"],
+        raw_api_response=raw,
+        api_flags=("x",),
+    )
+    storage = open_storage()
+    storage.store(original)
+    cached = storage.retrieve(original.url)
+    assert type(cached) is ApiResponse
+    assert cached.raw_api_response == raw  # bytes included
+    assert cached.api_flags == ["x"]
+    assert cached.flags == ["from-api"]
+    assert cached.text == original.text
+
+
+def test_an_attribute_json_cannot_hold_makes_the_response_uncacheable_not_lost(open_storage):
+    storage = open_storage()
+    storage.store(ApiResponse("http://example.com/obj", body=b"{}", raw_api_response=object()))
+    assert storage.retrieve("http://example.com/obj") is None
+    assert storage.stat("store_error") == 1
+
+
+@pytest.mark.parametrize(
+    "planted",
+    ["subprocess.Popen", "os.system", "no_such_module_here.Response", f"{__name__}.Canary"],
+)
+def test_an_entry_naming_a_class_that_is_not_a_loaded_response_class_is_a_miss_never_a_call(
+    open_storage, redis_server, planted
+):
+    storage = open_storage()
+    storage.store(_html())
+    key = _only_key(redis_server)
+    data = redis_server.client().get(key)
+    json_line, _, payload = data[len(MAGIC) :].partition(b"\n")
+    header = json.loads(json_line)
+    header["class"] = planted
+    redis_server.client().set(key, MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    calls = Canary.calls
+    assert storage.retrieve("http://example.com/page") is None
+    assert Canary.calls == calls
+    assert storage.stat("decode_error") == 1
+    assert storage.stat("hit") == 0
+
+
+def test_an_entry_is_in_redis_as_soon_as_store_response_returns(open_storage, redis_server):
+    storage = open_storage()  # the defaults: no batch, no reactor timer
+    storage.store(_html())
+    assert redis_server.client().dbsize() == 1
+    assert storage.stat("store") == 1
 
 
 def test_corrupted_entries_are_misses_counted_with_one_warning(open_storage, redis_server, caplog):
@@ -337,7 +453,7 @@ def _etag_page(site: Site, host: str, body: bytes):
 
     def handler(hit: Hit) -> Reply:
         if hit.headers.get("if-none-match") == '"v1"':
-            return Reply(304, b"", headers[1:])
+            return Reply(304, b"", (*headers[1:], ("X-Revalidated", "2")))
         return Reply(200, body, headers)
 
     site.route(host, "/etag", handler)
@@ -364,8 +480,14 @@ def test_rfc2616_policy_revalidates_an_expired_entry_and_a_304_serves_the_cached
     assert second.items == first.items  # the full body, from the cache, after the 304
     assert second.items[0]["length"] == len(body)
     # Scrapy 2.19 stores the entry freshened by the 304 (2.18 does not): every store
-    # the middleware asks for reaches Redis.
+    # the middleware asks for reaches Redis, with the headers the 304 brought.
     assert second.stat("polite/httpcache/store") == second.stat("httpcache/store")
+    if scrapy.version_info >= (2, 19):
+        assert second.stat("httpcache/store") == 1
+        (key,) = redis_server.client().keys("polite:httpcache:*")
+        entry = decode_entry(redis_server.client().get(key))
+        assert ("X-Revalidated", "2") in entry.headers
+        assert entry.body == body
 
 
 def _crawl_one_by_one(redis_server: RedisServer, urls: list[str]):

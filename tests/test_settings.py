@@ -125,7 +125,7 @@ STRING_FORMS: list[tuple[str, str, Callable[[dict[str, Any]], Any], Any]] = [
     ("POLITE_HTTPCACHE_COMPRESSION_LEVEL", "6", lambda s: _cache(s).compression_level, 6),
     ("POLITE_HTTPCACHE_COMPRESS_MIN_SIZE", "1024", lambda s: _cache(s).compress_min_size, 1024),
     ("POLITE_HTTPCACHE_MAX_BODY_SIZE", "1000", lambda s: _cache(s).max_body_size, 1000),
-    ("POLITE_HTTPCACHE_WRITE_BATCH", "1", lambda s: _cache(s).write_batch, 1),
+    ("POLITE_HTTPCACHE_WRITE_BATCH", "16", lambda s: _cache(s).write_batch, 16),
     ("POLITE_HTTPCACHE_WRITE_DELAY", "0.5", lambda s: _cache(s).write_delay, 0.5),
     ("POLITE_PROCESS_FUNCTION", "json.loads", lambda s: _process(s).function, "json.loads"),
     ("POLITE_PROCESS_WORKERS", "3", lambda s: _process(s).workers, 3),
