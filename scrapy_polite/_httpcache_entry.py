@@ -85,11 +85,11 @@ class CacheEntry:
 
     def response(self) -> Response:
         """The response, of its class; :class:`CacheEntryError` if that cannot be."""
-        headers = Headers()
+        headers: dict[bytes, list[bytes]] = {}  # the response makes it Headers, once
         for name, value in self.headers:
-            headers.appendlist(name.encode("latin-1"), value.encode("latin-1"))
+            headers.setdefault(name.encode("latin-1"), []).append(value.encode("latin-1"))
         if self.response_class is None:
-            cls = responsetypes.from_args(headers=headers, url=self.url, body=self.body)
+            cls = responsetypes.from_args(headers=Headers(headers), url=self.url, body=self.body)
         else:
             cls = _response_class(self.response_class)
         fields: dict[str, Any] = {

@@ -231,7 +231,13 @@ class RedisLink:
         return self._answered(replies)  # type: ignore[no-any-return]
 
     def blocking_get(self, component: str, key: str) -> Any:
-        """``GET key`` on the reactor thread, on the link's own reader connection.
+        """``GET key`` on the reactor thread (see :meth:`blocking_one`)."""
+        return self.blocking_one(component, "GET", key)
+
+    def blocking_one(self, component: str, *command: Any) -> Any:
+        """One idempotent command on the reactor thread, on the link's own connection,
+        without the pool's and the pipeline's bookkeeping (the cache's hot path); the raw
+        reply (``b"OK"``, not ``True``), or the ``ResponseError`` Redis answered.
 
         A connection kept from earlier calls may have gone stale (Redis
         restarted): that one failure gets one more try, on a new connection.
@@ -239,7 +245,7 @@ class RedisLink:
         self._check(component)
         while True:
             try:
-                self._reader.send_command("GET", key)  # type: ignore[no-untyped-call]
+                self._reader.send_command(*command)  # type: ignore[no-untyped-call]
                 reply = self._reader.read_response()
             except redis.ResponseError as exc:
                 reply = exc

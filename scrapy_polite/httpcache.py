@@ -208,6 +208,9 @@ class RedisCacheStorage:
             compression_level=self.config.compression_level,
             compress_min_size=self.config.compress_min_size,
         )
+        if self.config.write_batch == 1:
+            self._write(self._key(request), data)
+            return
         self._pending[self._key(request)] = data
         if len(self._pending) >= self.config.write_batch:
             self._flush()
@@ -216,6 +219,22 @@ class RedisCacheStorage:
 
             clock = cast("ReactorBase", reactor)
             self._flush_call = clock.callLater(self.config.write_delay, self._flush_later)
+
+    def _write(self, key: str, data: bytes) -> None:
+        """One entry, in Redis before this returns."""
+        assert self._link is not None
+        expiry = ("EX", self._ttl) if self._ttl else ()
+        try:
+            reply = self._link.blocking_one(COMPONENT, "SET", key, data, *expiry)
+        except RedisUnavailable:
+            self._inc("store_failed")
+            return
+        if reply == b"OK":
+            self._inc("store")
+            self._inc("stored_bytes", len(data))
+        else:
+            self._inc("store_failed")
+            logger.warning("Redis refused a cache entry: %s", reply)
 
     def _flush_later(self) -> None:
         self._flush_call = None
