@@ -5,16 +5,17 @@ is known (``POLITE_CLUSTER = "auto"``, the default), or when
 ``POLITE_CLUSTER = True``. Then, on the Redis that scrapy-polite uses:
 
 - **Shared pace** (:class:`SharedPace`). Each domain has one hash,
-  ``polite:{domain}:pace``: the next free departure, the hold of a
-  ``Retry-After``, the back-off's extra delay and the ``Crawl-delay``, all in
-  microseconds of the Redis server's clock (workers on different machines
-  disagree on the time; one server's clock does not). Before a request leaves
-  its download slot, the worker reserves its departure with one atomic script:
-  the departure is the later of now, the domain's next free one and its hold,
-  and the next free one moves one gap (drawn by the worker, from the domain's
-  range and distribution) past it. So the gaps between two requests to a
-  domain hold across every worker, whatever their number, with the
-  distribution the domain asked for.
+  ``polite:{domain}:pace``: its floor (the earliest next departure), the turn
+  in progress, the hold of a ``Retry-After``, the back-off's extra delay and
+  the ``Crawl-delay``, all in microseconds of the Redis server's clock (workers
+  on different machines disagree on the time; one server's clock does not). A
+  domain has one turn at a time: before a request leaves its download slot, the
+  worker takes the domain's turn with one atomic script (the departure is the
+  later of now, the floor and the hold), and reports the departure once the
+  request has left; the floor then moves one gap (drawn by that worker, from
+  the domain's range and distribution) past the report. So the gaps between two
+  requests to a domain hold across every worker, whatever their number, and
+  a late answer or a late departure never brings the next request closer.
 - **Shared signals.** A ``Crawl-delay``, a 429/503 and its ``Retry-After``
   are written to the domain's hash by the worker that learns them, and count
   in every worker's next reservation; successes shrink the back-off for all.
