@@ -614,8 +614,8 @@ _PARKED = 60.0
 _TINY = 1e-6
 # A turn further ahead than this is confirmed this long before it is used.
 _CONFIRM_AHEAD = 0.015
-# The margin added to each gap reserved in cluster mode: 5 % of it, 10 to 30 ms.
-_MARGIN_SHARE, _MARGIN_MIN, _MARGIN_MAX = 0.05, 0.01, 0.03
+# The margin added to each gap reserved in cluster mode: 1 % of it, 3 to 10 ms.
+_MARGIN_SHARE, _MARGIN_MIN, _MARGIN_MAX = 0.01, 0.003, 0.01
 # A departure this much later than due is counted late (stats only: it is reported anyway).
 _LATE = 0.002
 # While another worker holds the turn: ask again this long after its departure is due,
