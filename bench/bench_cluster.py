@@ -15,19 +15,15 @@ reactor's lag (p50, p99, from a 10 ms timer in every worker), and the ratios.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import multiprocessing
-import socket
 import statistics
-import threading
 import time
 from typing import Any
 
 from scrapy import signals
 
-from scrapy_polite.testing import free_port
 from scrapy_polite.testing.crawl import finish_crawl, start_crawl
+from scrapy_polite.testing.proxy import DelayProxy
 from scrapy_polite.testing.redis_server import RedisServer
 from scrapy_polite.testing.site import Site
 
@@ -67,70 +63,6 @@ class LagProbe:
         stats = self.crawler.stats
         stats.set_value("bench/lag_p50_ms", lags[len(lags) // 2])
         stats.set_value("bench/lag_p99_ms", lags[int(len(lags) * 0.99)])
-
-
-class DelayProxy:
-    """A TCP proxy that holds every chunk ``delay`` seconds before passing it on.
-
-    It runs in a process of its own, so the site's threads in this one cannot slow it.
-    """
-
-    def __init__(self, target: tuple[str, int], delay: float) -> None:
-        self.target = target
-        self.delay = delay
-        self.port = free_port()
-        context = multiprocessing.get_context("spawn")
-        self._process = context.Process(target=_serve_proxy, args=(target, delay, self.port))
-        self._process.start()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the delaying proxy did not start")
-
-    def close(self) -> None:
-        self._process.terminate()
-        self._process.join(10)
-
-
-def _serve_proxy(target: tuple[str, int], delay: float, port: int) -> None:
-    _Proxy(target, delay, port).serve()
-
-
-class _Proxy:
-    def __init__(self, target: tuple[str, int], delay: float, port: int) -> None:
-        self.target = target
-        self.delay = delay
-        self._server = socket.create_server(("127.0.0.1", port))
-
-    def serve(self) -> None:
-        self._accept()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                time.sleep(self.delay)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
 
 
 def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: int) -> dict:

@@ -3,11 +3,16 @@
 One run, alternating rounds (the order of the variants rotates every round), on
 a local 2,000-page site spread over eight hosts, with no delays. Each crawl is
 a real Scrapy crawl in its own process (``scrapy_polite.testing.crawl``); throughput is items
-per second of the crawl's own ``elapsed_time_seconds``. Prints:
+per second of the crawl's own ``elapsed_time_seconds``. "Redis" is the Redis storage
+as the add-on sets it up, with ``RedisHttpCacheMiddleware`` (awaited round trips);
+"Redis, Scrapy's middleware" is the same storage under Scrapy's own
+``HttpCacheMiddleware`` (a blocking round trip per call). "1 ms away" puts Redis
+behind a proxy that delays every chunk 0.5 ms each way. Prints:
 
 1. live crawl, Redis cache storing every page vs no cache (goal: under 5 % slower),
    and Scrapy's FilesystemCacheStorage storing, for reference;
-2. fully cached re-run, Redis vs filesystem (goal: ratio at least 1.0);
+2. fully cached re-run, Redis vs filesystem (goal: ratio at least 1.0), and with
+   Redis 1 ms away vs the local filesystem (goal: at least 0.8);
 3. each storage's own cost per store and per hit, in microseconds, measured
    in-process by calling ``store_response``/``retrieve_response`` on real
    responses fetched from the site (the Redis figure includes its batch writes);
@@ -35,11 +40,19 @@ from scrapy.utils.test import get_crawler
 
 from scrapy_polite.httpcache import RedisCacheStorage, cache_usage
 from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.testing.proxy import DelayProxy
 from scrapy_polite.testing.redis_server import RedisServer
 from scrapy_polite.testing.site import HOSTS, Site
 
 REDIS_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
 FS_STORAGE = "scrapy.extensions.httpcache.FilesystemCacheStorage"
+# As the add-on places it: our middleware instead of Scrapy's.
+AWAITED = {
+    "DOWNLOADER_MIDDLEWARES": {
+        "scrapy.downloadermiddlewares.httpcache.HttpCacheMiddleware": None,
+        "scrapy_polite.httpcache.RedisHttpCacheMiddleware": 900,
+    }
+}
 
 
 def main() -> None:
@@ -53,7 +66,12 @@ def main() -> None:
     try:
         with Site(HOSTS) as site, RedisServer() as redis_server:
             urls = _urls(site, args.pages)
-            crawls = _crawls(site, redis_server, work, urls, args.rounds)
+            proxy = DelayProxy(("127.0.0.1", redis_server.port), 0.0005)
+            try:
+                far = f"redis://127.0.0.1:{proxy.port}/0"
+                crawls = _crawls(site, redis_server, far, work, urls, args.rounds)
+            finally:
+                proxy.close()
             micro = _micro(site, redis_server, work, urls, args.micro, args.rounds)
             sizes = _sizes(site, redis_server, urls)
     finally:
@@ -70,13 +88,15 @@ def _urls(site: Site, pages: int) -> list[str]:
 
 
 def _crawls(
-    site: Site, redis_server: RedisServer, work: Path, urls: list[str], rounds: int
+    site: Site, redis_server: RedisServer, far: str, work: Path, urls: list[str], rounds: int
 ) -> dict[str, list[float]]:
     client = redis_server.client()
     live_fs, cached_fs = work / "fs-live", work / "fs-cached"
     base = {"LOG_LEVEL": "WARNING", "POLITE_HTTPCACHE_REDIS_URL": redis_server.url}
-    redis_cache = {"HTTPCACHE_ENABLED": True, "HTTPCACHE_STORAGE": REDIS_STORAGE}
+    blocking = {"HTTPCACHE_ENABLED": True, "HTTPCACHE_STORAGE": REDIS_STORAGE}
+    redis_cache = {**blocking, **AWAITED}
     fs_cache = {"HTTPCACHE_ENABLED": True, "HTTPCACHE_STORAGE": FS_STORAGE}
+    cached = {"POLITE_HTTPCACHE_PREFIX": "cached"}
 
     def prepare_cached() -> None:  # one live crawl fills each cache for the re-runs
         _crawl(urls, {**base, **redis_cache, "POLITE_HTTPCACHE_PREFIX": "cached"})
@@ -87,14 +107,28 @@ def _crawls(
         "live, Redis storing": lambda: _crawl(
             urls, {**base, **redis_cache, "POLITE_HTTPCACHE_PREFIX": _fresh_prefix(client)}
         ),
+        "live, Redis, Scrapy's mw": lambda: _crawl(
+            urls, {**base, **blocking, "POLITE_HTTPCACHE_PREFIX": _fresh_prefix(client)}
+        ),
         "live, filesystem storing": lambda: _crawl(
             urls, {**base, **fs_cache, "HTTPCACHE_DIR": str(_fresh_dir(live_fs))}
         ),
-        "cached, Redis": lambda: _crawl(
-            urls, {**base, **redis_cache, "POLITE_HTTPCACHE_PREFIX": "cached"}, cached=True
+        "cached, Redis": lambda: _crawl(urls, {**base, **redis_cache, **cached}, cached=True),
+        "cached, Redis, Scrapy's mw": lambda: _crawl(
+            urls, {**base, **blocking, **cached}, cached=True
         ),
         "cached, filesystem": lambda: _crawl(
             urls, {**base, **fs_cache, "HTTPCACHE_DIR": str(cached_fs)}, cached=True
+        ),
+        "cached, Redis 1 ms away": lambda: _crawl(
+            urls,
+            {**base, **redis_cache, **cached, "POLITE_HTTPCACHE_REDIS_URL": far},
+            cached=True,
+        ),
+        "cached, 1 ms, Scrapy's mw": lambda: _crawl(
+            urls,
+            {**base, **blocking, **cached, "POLITE_HTTPCACHE_REDIS_URL": far},
+            cached=True,
         ),
     }
     prepare_cached()
@@ -227,7 +261,7 @@ def _report(crawls: dict, micro: dict, sizes: dict, args: argparse.Namespace) ->
     )
     for name, value in med.items():
         spread = f"{min(crawls[name]):.0f}-{max(crawls[name]):.0f}"
-        print(f"  {name:<26} {value:6.0f}   (rounds {spread})")
+        print(f"  {name:<28} {value:6.0f}   (rounds {spread})")
     live = ratio("live, Redis storing", "live, no cache")
     live_fs = ratio("live, filesystem storing", "live, no cache")
     print(
@@ -239,11 +273,25 @@ def _report(crawls: dict, micro: dict, sizes: dict, args: argparse.Namespace) ->
         f"    filesystem cache storing vs no cache:        {live_fs:.3f} "
         f"(cost {100 * (1 - live_fs):+.1f} %)"
     )
+    live_blocking = ratio("live, Redis, Scrapy's mw", "live, no cache")
+    print(
+        f"    Redis under Scrapy's middleware vs no cache: {live_blocking:.3f} "
+        f"(cost {100 * (1 - live_blocking):+.1f} %)"
+    )
     cached = ratio("cached, Redis", "cached, filesystem")
     print(
         f"(2) fully cached re-run, Redis vs filesystem:    {cached:.3f} "
         f"(goal at least 1.0: {'met' if cached >= 1.0 else 'NOT met'})"
     )
+    blocking = ratio("cached, Redis, Scrapy's mw", "cached, filesystem")
+    print(f"    Redis under Scrapy's middleware:             {blocking:.3f}")
+    far = ratio("cached, Redis 1 ms away", "cached, filesystem")
+    print(
+        f"    Redis 1 ms away vs local filesystem:         {far:.3f} "
+        f"(goal at least 0.8: {'met' if far >= 0.8 else 'NOT met'})"
+    )
+    far_blocking = ratio("cached, 1 ms, Scrapy's mw", "cached, filesystem")
+    print(f"    1 ms away, under Scrapy's middleware:        {far_blocking:.3f}")
     print(
         f"\n(3) storage's own cost, in-process, {args.micro} real responses, "
         f"median of {args.rounds} rounds, microseconds"

@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from scrapy.downloadermiddlewares.httpcache import HttpCacheMiddleware
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
 from scrapy_polite._redis import redact, redis_url
 from scrapy_polite.cluster import cluster_enabled
+from scrapy_polite.httpcache import RedisCacheStorage
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
@@ -39,12 +41,14 @@ logger = logging.getLogger(__name__)
 DELAY_MIDDLEWARE = "scrapy_polite.delays.PoliteDelayMiddleware"
 ROBOTS_MIDDLEWARE = "scrapy_polite.robots.PoliteRobotsTxtMiddleware"
 CACHE_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
+CACHE_MIDDLEWARE = "scrapy_polite.httpcache.RedisHttpCacheMiddleware"
 PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
 CLUSTER_QUEUE = "scrapy_polite.cluster.DomainQueue"
 CLUSTER_SERIALIZER = "scrapy_polite.serializer"
 
 DELAY_PRIORITY = 950
 ROBOTS_PRIORITY = 100
+CACHE_PRIORITY = 900  # Scrapy's HttpCacheMiddleware's
 PROCESS_PRIORITY = 1000
 
 
@@ -75,18 +79,7 @@ class Addon:
     def _enable_robots(self, settings: BaseSettings) -> str:
         if not settings.getbool("ROBOTSTXT_OBEY"):
             return "robots.txt off (ROBOTSTXT_OBEY)"
-        ours = load_object(ROBOTS_MIDDLEWARE)
-        middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES")
-        user_placed_scrapys = any(
-            load_object(k) is RobotsTxtMiddleware for k in middlewares if middlewares[k] is not None
-        )
-        if not user_placed_scrapys:
-            settings.set_in_component_priority_dict(
-                "DOWNLOADER_MIDDLEWARES", RobotsTxtMiddleware, None
-            )
-            settings.setdefault_in_component_priority_dict(
-                "DOWNLOADER_MIDDLEWARES", ours, ROBOTS_PRIORITY
-            )
+        if _replace_middleware(settings, RobotsTxtMiddleware, ROBOTS_MIDDLEWARE, ROBOTS_PRIORITY):
             return "robots.txt on (RFC 9309)"
         return "robots.txt left to Scrapy's RobotsTxtMiddleware (placed by the user)"
 
@@ -94,9 +87,11 @@ class Addon:
         if not settings.getbool("HTTPCACHE_ENABLED"):
             return "HTTP cache off (HTTPCACHE_ENABLED)"
         priority = settings.getpriority("HTTPCACHE_STORAGE") or 0
-        if priority > SETTINGS_PRIORITIES["default"]:
+        if priority <= SETTINGS_PRIORITIES["default"]:
+            settings.set("HTTPCACHE_STORAGE", CACHE_STORAGE, priority="addon")
+        elif not issubclass(load_object(settings.get("HTTPCACHE_STORAGE")), RedisCacheStorage):
             return f"HTTP cache storage {settings.get('HTTPCACHE_STORAGE')} (the user's)"
-        settings.set("HTTPCACHE_STORAGE", CACHE_STORAGE, priority="addon")
+        _replace_middleware(settings, HttpCacheMiddleware, CACHE_MIDDLEWARE, CACHE_PRIORITY)
         url = redis_url(settings, "POLITE_HTTPCACHE_REDIS_URL")
         return f"Redis HTTP cache on ({redact(url) if url else 'no Redis URL set'})"
 
@@ -119,6 +114,19 @@ class Addon:
                 settings.set(name, value, priority="addon")
         url = redis_url(settings, "POLITE_CLUSTER_REDIS_URL")
         return f"cluster mode on ({redact(url) if url else '?'}: shared pace, domain-aware queue)"
+
+
+def _replace_middleware(settings: BaseSettings, scrapys: type, ours: str, priority: int) -> bool:
+    """Put *ours* in the place of Scrapy's middleware *scrapys*, unless the user
+    placed Scrapy's in ``DOWNLOADER_MIDDLEWARES``; whether it did."""
+    middlewares = settings.getdict("DOWNLOADER_MIDDLEWARES")
+    if any(load_object(k) is scrapys for k, v in middlewares.items() if v is not None):
+        return False
+    settings.set_in_component_priority_dict("DOWNLOADER_MIDDLEWARES", scrapys, None)
+    settings.setdefault_in_component_priority_dict(
+        "DOWNLOADER_MIDDLEWARES", load_object(ours), priority
+    )
+    return True
 
 
 def _add_component(settings: BaseSettings, name: str, path: str, priority: int) -> None:

@@ -13,28 +13,38 @@ format (:mod:`scrapy_polite._httpcache_entry`), never pickle: Redis is shared,
 and unpickling what another process wrote would run its code. An entry that
 does not decode is a miss, counted in stats.
 
-Scrapy calls a storage synchronously on the reactor thread, so each call is
-one round trip bounded by ``POLITE_REDIS_TIMEOUT``, through the crawler's one
-Redis layer (:mod:`scrapy_polite._redis`). Once ``store_response`` returns,
-the entry is in Redis, as with Scrapy's own storages. Batched stores are an
-option (``POLITE_HTTPCACHE_WRITE_BATCH`` above 1): entries are then written in
-one pipeline when that many are waiting or ``POLITE_HTTPCACHE_WRITE_DELAY``
-seconds have passed, and when the spider closes; a read sees the entries still
-waiting. When Redis fails, the
-crawl goes on without the cache until the layer's retry window ends.
+Scrapy calls a storage synchronously on the reactor thread. Through Scrapy's
+own ``HttpCacheMiddleware`` each call is then one blocking round trip, bounded
+by ``POLITE_REDIS_TIMEOUT``, and once ``store_response`` returns the entry is
+in Redis, as with Scrapy's own storages. The add-on puts
+:class:`RedisHttpCacheMiddleware` in its place: Scrapy's middleware, policies
+and stats, except that the round trips are awaited instead of blocking the
+reactor, and every read and write asked for in one turn of the reactor shares
+one pipeline. Its writes are in Redis before the response moves on to the
+spider. Both go through the crawler's one Redis layer
+(:mod:`scrapy_polite._redis`).
+
+Batched stores are an option (``POLITE_HTTPCACHE_WRITE_BATCH`` above 1):
+entries are then written in one pipeline when that many are waiting or
+``POLITE_HTTPCACHE_WRITE_DELAY`` seconds have passed, and when the spider
+closes; a read sees the entries still waiting. When Redis fails, the crawl goes
+on without the cache until the layer's retry window ends.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from time import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from scrapy.downloadermiddlewares.httpcache import HttpCacheMiddleware
+from twisted.internet.defer import Deferred
 
 from scrapy_polite._httpcache_entry import CacheEntryError, decode_entry, encode_entry
-from scrapy_polite._redis import RedisLink, RedisUnavailable, required_redis_url
+from scrapy_polite._redis import Command, RedisLink, RedisUnavailable, required_redis_url
 from scrapy_polite._settings import get_float, get_int, get_str
 
 if TYPE_CHECKING:
@@ -46,6 +56,7 @@ if TYPE_CHECKING:
     from scrapy.statscollectors import StatsCollector
     from scrapy.utils.request import RequestFingerprinterProtocol
     from twisted.internet.base import DelayedCall, ReactorBase
+    from twisted.python.failure import Failure
     from typing_extensions import Self
 
 __all__ = [
@@ -54,6 +65,7 @@ __all__ = [
     "HttpCacheConfig",
     "NamespaceUsage",
     "RedisCacheStorage",
+    "RedisHttpCacheMiddleware",
     "cache_usage",
     "clear_namespace",
 ]
@@ -63,6 +75,10 @@ logger = logging.getLogger(__name__)
 URL_SETTING = "POLITE_HTTPCACHE_REDIS_URL"
 DEFAULT_PREFIX = "polite:httpcache"
 COMPONENT = "httpcache"
+
+# What a read ahead left for retrieve_response(): nothing yet, or "Redis is away".
+_NOT_READ = object()
+_UNAVAILABLE = object()
 
 
 @dataclass(frozen=True)
@@ -124,8 +140,12 @@ class RedisCacheStorage:
         self._key_prefix = ""
         self._fingerprinter: RequestFingerprinterProtocol | None = None
         self._stats: StatsCollector | None = None
-        self._pending: dict[str, bytes] = {}
+        self._pending: dict[str, bytes] = {}  # batched stores not yet written
         self._flush_call: DelayedCall | None = None
+        self._read_ahead: dict[str, object] = {}  # key: reply of an awaited GET
+        self._collected: list[tuple[str, bytes]] | None = None  # stores to await
+        self._next_trip: list[Command] = []  # commands of this reactor turn
+        self._trip_waiters: list[tuple[Deferred[list[Any]], int, int]] = []
         self._warned_decode = False
         self._warned_store = False
 
@@ -157,13 +177,17 @@ class RedisCacheStorage:
 
     def retrieve_response(self, spider: Spider, request: Request) -> Response | None:
         key = self._key(request)
-        data = self._pending.get(key)
+        data: object = self._pending.get(key)
         if data is None:
-            assert self._link is not None, "open_spider() was not called"
-            try:
-                data = self._link.blocking_get(COMPONENT, key)
-            except RedisUnavailable:
+            data = self._read_ahead.pop(key, _NOT_READ)
+            if data is _UNAVAILABLE:
                 return None
+            if data is _NOT_READ:
+                assert self._link is not None, "open_spider() was not called"
+                try:
+                    data = self._link.blocking_get(COMPONENT, key)
+                except RedisUnavailable:
+                    return None
             if isinstance(data, redis.ResponseError):  # WRONGTYPE: a key that is not ours
                 self._undecodable(key, str(data))
                 return None
@@ -171,7 +195,7 @@ class RedisCacheStorage:
                 self._inc("miss")
                 return None
         try:
-            entry = decode_entry(data)
+            entry = decode_entry(cast("bytes", data))
             if self._ttl and time() - entry.stored_at > self._ttl:
                 self._inc("expired")
                 return None
@@ -191,6 +215,81 @@ class RedisCacheStorage:
         except Exception:
             self._unexpected(f"Could not cache {response}")
 
+    # -- awaited reads and writes (RedisHttpCacheMiddleware) -------------------------
+    async def read_ahead(self, request: Request) -> None:
+        """GET *request*'s entry, awaited, for the :meth:`retrieve_response` that follows.
+
+        The GET shares one pipeline with every other read and write of this
+        reactor turn. Call :meth:`forget_read_ahead` after the lookup.
+        """
+        assert self._link is not None, "open_spider() was not called"
+        key = self._key(request)
+        if key in self._pending:
+            return
+        try:
+            (reply,) = await self._round_trip([("GET", key)])
+        except RedisUnavailable:
+            reply = _UNAVAILABLE
+        self._read_ahead[key] = reply
+
+    def forget_read_ahead(self, request: Request) -> None:
+        self._read_ahead.pop(self._key(request), None)
+
+    @contextmanager
+    def collecting_stores(self) -> Iterator[list[tuple[str, bytes]]]:
+        """Inside, :meth:`store_response` encodes entries into the list it yields
+        instead of writing them; :meth:`write` them, awaited, after."""
+        collected: list[tuple[str, bytes]] = []
+        # Batched stores keep their own schedule.
+        self._collected = collected if self.config.write_batch == 1 else None
+        try:
+            yield collected
+        finally:
+            self._collected = None
+
+    async def write(self, entries: list[tuple[str, bytes]]) -> None:
+        """Write *entries* (from :meth:`collecting_stores`), awaited; never raises."""
+        expiry = ("EX", self._ttl) if self._ttl else ()
+        try:
+            replies = await self._round_trip([("SET", key, data, *expiry) for key, data in entries])
+        except RedisUnavailable:
+            self._inc("store_failed", len(entries))
+            return
+        self._count_stores([data for _, data in entries], replies)
+
+    async def _round_trip(self, commands: list[Command]) -> list[Any]:
+        """The replies to *commands*, sent in one pipeline with every other
+        command asked for in this turn of the reactor."""
+        from scrapy.utils.defer import maybe_deferred_to_future
+
+        if not self._next_trip:
+            from twisted.internet import reactor
+
+            cast("ReactorBase", reactor).callLater(0, self._send_trip)
+        waiter: Deferred[list[Any]] = Deferred()
+        self._trip_waiters.append((waiter, len(self._next_trip), len(commands)))
+        self._next_trip.extend(commands)
+        return await maybe_deferred_to_future(waiter)
+
+    def _send_trip(self) -> None:
+        from scrapy.utils.defer import deferred_from_coro
+
+        assert self._link is not None
+        commands, self._next_trip = self._next_trip, []
+        waiters, self._trip_waiters = self._trip_waiters, []
+        self._inc("round_trip")
+
+        def answer(replies: list[Any]) -> None:
+            for waiter, start, count in waiters:
+                waiter.callback(replies[start : start + count])
+
+        def fail(failure: Failure) -> None:
+            for waiter, _, _ in waiters:
+                waiter.errback(failure)
+
+        trip: Deferred[list[Any]] = deferred_from_coro(self._link.call(COMPONENT, *commands))
+        trip.addCallbacks(answer, fail)
+
     # -- writing --------------------------------------------------------------------
     def _store(self, request: Request, response: Response) -> None:
         assert self._link is not None, "open_spider() was not called"
@@ -208,6 +307,9 @@ class RedisCacheStorage:
             compression_level=self.config.compression_level,
             compress_min_size=self.config.compress_min_size,
         )
+        if self._collected is not None:
+            self._collected.append((self._key(request), data))
+            return
         if self.config.write_batch == 1:
             self._write(self._key(request), data)
             return
@@ -229,12 +331,7 @@ class RedisCacheStorage:
         except RedisUnavailable:
             self._inc("store_failed")
             return
-        if reply == b"OK":
-            self._inc("store")
-            self._inc("stored_bytes", len(data))
-        else:
-            self._inc("store_failed")
-            logger.warning("Redis refused a cache entry: %s", reply)
+        self._count_stores([data], [True if reply == b"OK" else reply])
 
     def _flush_later(self) -> None:
         self._flush_call = None
@@ -260,10 +357,14 @@ class RedisCacheStorage:
         except RedisUnavailable:
             self._inc("store_failed", len(batch))
             return
-        stored = [data for data, r in zip(batch.values(), results, strict=True) if r is True]
+        self._count_stores(list(batch.values()), results)
+
+    def _count_stores(self, entries: list[bytes], replies: list[Any]) -> None:
+        """Stats for *entries* written with *replies* (``True``: stored)."""
+        stored = [data for data, r in zip(entries, replies, strict=True) if r is True]
         self._inc("store", len(stored))
         self._inc("stored_bytes", sum(len(data) for data in stored))
-        errors = [r for r in results if isinstance(r, Exception)]
+        errors = [r for r in replies if r is not True]
         if errors:
             self._inc("store_failed", len(errors))
             logger.warning("Redis refused %d cache entries: %s", len(errors), errors[0])
@@ -288,6 +389,48 @@ class RedisCacheStorage:
     def _inc(self, event: str, count: int = 1) -> None:
         if self._stats is not None and count:
             self._stats.inc_value(f"polite/httpcache/{event}", count)
+
+
+class RedisHttpCacheMiddleware(HttpCacheMiddleware):
+    """Scrapy's ``HttpCacheMiddleware``, awaiting the Redis storage instead of blocking on it.
+
+    The add-on puts it in the place of Scrapy's (900) when the storage is
+    :class:`RedisCacheStorage`. Scrapy's code still decides everything (the
+    policy, ``dont_cache``, ``HTTPCACHE_IGNORE_MISSING``, revalidation, stats);
+    this class only moves the Redis round trips off the reactor thread. Before
+    Scrapy's lookup it reads the entry, awaited; after Scrapy's
+    ``process_response`` it writes what that asked to store, awaited, so the
+    entry is in Redis before the response goes on to the spider. With any other
+    storage it is Scrapy's middleware.
+    """
+
+    async def process_request(  # type: ignore[override]
+        self, request: Request, spider: Spider | None = None
+    ) -> Request | Response | None:
+        storage = self.storage
+        if (
+            not isinstance(storage, RedisCacheStorage)
+            or request.meta.get("dont_cache", False)
+            or not self.policy.should_cache_request(request)
+        ):
+            return super().process_request(request)
+        await storage.read_ahead(request)
+        try:
+            return super().process_request(request)
+        finally:
+            storage.forget_read_ahead(request)
+
+    async def process_response(  # type: ignore[override]
+        self, request: Request, response: Response, spider: Spider | None = None
+    ) -> Request | Response:
+        storage = self.storage
+        if not isinstance(storage, RedisCacheStorage):
+            return super().process_response(request, response)
+        with storage.collecting_stores() as entries:
+            result = super().process_response(request, response)
+        if entries:
+            await storage.write(entries)
+        return result
 
 
 # -- inspecting and clearing ------------------------------------------------------------

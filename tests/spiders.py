@@ -59,3 +59,21 @@ class SharedSpider(PagesSpider):
         yield _item(response)
         if hasattr(response, "css"):
             yield from response.follow_all(css="a::attr(href)", callback=self.parse)
+
+
+class CacheWatchingSpider(PagesSpider):
+    """:class:`PagesSpider` whose items say whether the page's entry was in the
+    Redis HTTP cache when the spider got the page (``in_redis``)."""
+
+    name = "cache-watching"
+
+    def parse(self, response: Response) -> Iterator[Any]:
+        import redis
+
+        if not hasattr(self, "_redis"):
+            self._redis = redis.Redis.from_url(self.settings["POLITE_HTTPCACHE_REDIS_URL"])
+        assert response.request is not None
+        assert self.crawler is not None
+        fingerprint = self.crawler.request_fingerprinter.fingerprint(response.request).hex()
+        key = f"polite:httpcache:{self.name}:{fingerprint}"
+        yield {**_item(response), "in_redis": bool(self._redis.exists(key))}

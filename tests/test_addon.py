@@ -7,12 +7,14 @@ from typing import Any
 
 import pytest
 from scrapy import Spider
+from scrapy.downloadermiddlewares.httpcache import HttpCacheMiddleware
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
 from scrapy.settings import BaseSettings
 from scrapy.utils.test import get_crawler
 
 from scrapy_polite import Addon
 from scrapy_polite.delays import PoliteDelayMiddleware
+from scrapy_polite.httpcache import RedisHttpCacheMiddleware
 from scrapy_polite.process import ProcessPipeline
 from scrapy_polite.robots import PoliteRobotsTxtMiddleware
 from scrapy_polite.testing.crawl import crawl
@@ -61,6 +63,37 @@ def test_http_cache_gets_the_redis_storage_unless_the_user_chose_one():
     assert "HTTPCACHE_STORAGE" not in changed
 
 
+CACHE_IN_OUR_MIDDLEWARE = {
+    HttpCacheMiddleware: None,
+    RedisHttpCacheMiddleware: 900,
+    PoliteDelayMiddleware: 950,
+}
+
+
+@pytest.mark.parametrize("storage", [None, "scrapy_polite.httpcache.RedisCacheStorage"])
+def test_the_redis_storage_gets_the_awaiting_middleware_in_place_of_scrapys(storage):
+    user = {"HTTPCACHE_ENABLED": True, "HTTPCACHE_STORAGE": storage} if storage else {}
+    changed = _changed_by_addon({"HTTPCACHE_ENABLED": True, **user})
+    assert changed["DOWNLOADER_MIDDLEWARES"] == CACHE_IN_OUR_MIDDLEWARE
+
+
+def test_scrapys_cache_middleware_stays_with_another_storage_or_when_the_user_placed_it():
+    dbm = {
+        "HTTPCACHE_ENABLED": True,
+        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.DbmCacheStorage",
+    }
+    assert _changed_by_addon(dbm)["DOWNLOADER_MIDDLEWARES"] == {PoliteDelayMiddleware: 950}
+    placed = {
+        "HTTPCACHE_ENABLED": True,
+        "DOWNLOADER_MIDDLEWARES": {
+            "scrapy.downloadermiddlewares.httpcache.HttpCacheMiddleware": 890
+        },
+    }
+    middlewares = _changed_by_addon(placed)["DOWNLOADER_MIDDLEWARES"]
+    assert RedisHttpCacheMiddleware not in middlewares
+    assert middlewares["scrapy.downloadermiddlewares.httpcache.HttpCacheMiddleware"] == 890
+
+
 def test_process_pipeline_is_added_after_the_users_pipelines_only_when_a_function_is_set():
     changed = _changed_by_addon({"POLITE_PROCESS_FUNCTION": "json.loads"})
     assert changed["ITEM_PIPELINES"] == {ProcessPipeline: 1000}
@@ -89,6 +122,13 @@ EVERYTHING_ON = {
 def test_every_setting_the_addon_writes_keeps_the_users_own_value():
     written = _changed_by_addon(EVERYTHING_ON)
     assert set(written) == {"DOWNLOADER_MIDDLEWARES", "HTTPCACHE_STORAGE", "ITEM_PIPELINES"}
+    assert set(written["DOWNLOADER_MIDDLEWARES"]) == {
+        RobotsTxtMiddleware,
+        PoliteRobotsTxtMiddleware,
+        HttpCacheMiddleware,
+        RedisHttpCacheMiddleware,
+        PoliteDelayMiddleware,
+    }
     users = {
         "DOWNLOADER_MIDDLEWARES": {"scrapy_polite.delays.PoliteDelayMiddleware": 123},
         "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.DbmCacheStorage",

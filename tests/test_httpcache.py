@@ -446,6 +446,44 @@ def test_second_crawl_sends_no_request_and_yields_the_same_items(site, redis_ser
     assert second.stat("polite/httpcache/hit") == 4 * 9
     assert second.stat("httpcache/ignore") == 1
     assert second.stat("polite/httpcache/store") == 0
+    # Through the add-on's middleware every read was awaited, several to a pipeline.
+    assert 1 <= second.stat("polite/httpcache/round_trip") < 4 * 9 + 1
+
+
+def test_through_the_addon_a_stored_page_is_in_redis_before_the_spider_gets_it(site, redis_server):
+    urls = [site.url(host, f"/p/{i}") for host in site.hosts[:3] for i in range(10)]
+    result = crawl(
+        "tests.spiders.CacheWatchingSpider",
+        _cache_settings(redis_server),
+        args={"urls": json.dumps(urls)},
+    )
+    assert len(result.items) == len(urls)
+    assert all(item["in_redis"] for item in result.items)
+    assert result.stat("polite/httpcache/store") == len(urls)
+    # Reads and writes were awaited: fewer pipelines than the 60 calls.
+    assert 1 <= result.stat("polite/httpcache/round_trip") < 2 * len(urls)
+
+
+def test_the_addons_middleware_with_another_storage_is_scrapys_middleware(site, tmp_path):
+    urls = [site.url(host, "/?n=3") for host in site.hosts[:2]]
+    settings = {
+        "POLITE_DELAY": 0,
+        "HTTPCACHE_ENABLED": True,
+        "HTTPCACHE_DIR": str(tmp_path),
+        "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.FilesystemCacheStorage",
+        "DOWNLOADER_MIDDLEWARES": {
+            "scrapy.downloadermiddlewares.httpcache.HttpCacheMiddleware": None,
+            "scrapy_polite.httpcache.RedisHttpCacheMiddleware": 900,
+        },
+    }
+    args = {"urls": json.dumps(urls), "follow": True}
+    first = crawl(PAGES_SPIDER, settings, args=args)
+    assert first.stat("httpcache/store") == len(first.items) == 2 * 4
+    site.reset()
+    second = crawl(PAGES_SPIDER, {**settings, "HTTPCACHE_IGNORE_MISSING": True}, args=args)
+    assert site.hits() == []
+    assert _by_url(second.items) == _by_url(first.items)
+    assert second.stat("httpcache/hit") == 2 * 4
 
 
 def _etag_page(site: Site, host: str, body: bytes):
