@@ -146,6 +146,7 @@ class RedisCacheStorage:
         self._collected: list[tuple[str, bytes]] | None = None  # stores to await
         self._next_trip: list[Command] = []  # commands of this reactor turn
         self._trip_waiters: list[tuple[Deferred[list[Any]], int, int]] = []
+        self._trip_out = False  # a pipeline is out, or about to go
         self._warned_decode = False
         self._warned_store = False
 
@@ -230,6 +231,9 @@ class RedisCacheStorage:
             (reply,) = await self._round_trip([("GET", key)])
         except RedisUnavailable:
             reply = _UNAVAILABLE
+        except Exception:  # not Redis's failure: let the blocking lookup try, and report
+            logger.debug("Could not read %s ahead", request, exc_info=True)
+            return
         self._read_ahead[key] = reply
 
     def forget_read_ahead(self, request: Request) -> None:
@@ -255,16 +259,26 @@ class RedisCacheStorage:
         except RedisUnavailable:
             self._inc("store_failed", len(entries))
             return
+        except Exception:  # the response still goes on to the spider
+            self._unexpected("Could not write cache entries")
+            return
         self._count_stores([data for _, data in entries], replies)
 
     async def _round_trip(self, commands: list[Command]) -> list[Any]:
-        """The replies to *commands*, sent in one pipeline with every other
-        command asked for in this turn of the reactor."""
+        """The replies to *commands*, sent in one pipeline with the other commands
+        asked for meanwhile.
+
+        One pipeline is in flight at a time: what is asked for while it is out
+        goes in the next one, sent as soon as it is answered. Commands asked for
+        while none is out go at the end of this reactor turn. So a Redis far
+        away gets fewer, fuller pipelines, and a near one answers at once.
+        """
         from scrapy.utils.defer import maybe_deferred_to_future
 
-        if not self._next_trip:
+        if not self._next_trip and not self._trip_out:
             from twisted.internet import reactor
 
+            self._trip_out = True
             cast("ReactorBase", reactor).callLater(0, self._send_trip)
         waiter: Deferred[list[Any]] = Deferred()
         self._trip_waiters.append((waiter, len(self._next_trip), len(commands)))
@@ -277,6 +291,9 @@ class RedisCacheStorage:
         assert self._link is not None
         commands, self._next_trip = self._next_trip, []
         waiters, self._trip_waiters = self._trip_waiters, []
+        if not commands:
+            self._trip_out = False
+            return
         self._inc("round_trip")
 
         def answer(replies: list[Any]) -> None:
@@ -289,6 +306,7 @@ class RedisCacheStorage:
 
         trip: Deferred[list[Any]] = deferred_from_coro(self._link.call(COMPONENT, *commands))
         trip.addCallbacks(answer, fail)
+        trip.addBoth(lambda _: self._send_trip())  # what was asked for meanwhile
 
     # -- writing --------------------------------------------------------------------
     def _store(self, request: Request, response: Response) -> None:

@@ -250,6 +250,19 @@ def test_an_entry_naming_a_class_that_is_not_a_loaded_response_class_is_a_miss_n
     assert storage.stat("hit") == 0
 
 
+def test_a_hit_sets_request_meta_cache_timestamp_to_when_the_entry_was_stored(open_storage):
+    storage = open_storage()
+    before = time.time()
+    storage.store(_html())
+    after = time.time()
+    request = Request("http://example.com/page")
+    assert storage.storage.retrieve_response(storage.spider, request) is not None
+    assert before <= request.meta["cache_timestamp"] <= after
+    missed = Request("http://example.com/other")
+    assert storage.storage.retrieve_response(storage.spider, missed) is None
+    assert "cache_timestamp" not in missed.meta
+
+
 def test_an_entry_is_in_redis_as_soon_as_store_response_returns(open_storage, redis_server):
     storage = open_storage()  # the defaults: no batch, no reactor timer
     storage.store(_html())

@@ -5,7 +5,9 @@
 - :mod:`~scrapy_polite.testing.redis_server`: a throw-away ``redis-server`` on a
   free port (never the user's 6379);
 - :mod:`~scrapy_polite.testing.crawl`: a real Scrapy crawl in a child process,
-  with its items and stats read back.
+  with its items and stats read back;
+- :mod:`~scrapy_polite.testing.proxy`: a TCP proxy that delays every chunk, for a
+  Redis "1 ms away" in the benchmarks.
 
 Users may run them against their own settings too. Nothing here is imported by
 the components themselves.
