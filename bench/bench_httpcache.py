@@ -18,6 +18,10 @@ behind a proxy that delays every chunk 0.5 ms each way. Prints:
    responses fetched from the site (the Redis figure includes its batch writes);
 4. bytes in Redis per page against the raw body.
 
+Beside each throughput ratio it prints the ratio of the crawl process's own CPU
+per page (Redis's and the site's CPU are not in it), which a noisy neighbour
+disturbs less.
+
 Usage: ``python bench/bench_httpcache.py [--rounds 5] [--pages 2000]``
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -69,14 +74,14 @@ def main() -> None:
             proxy = DelayProxy(("127.0.0.1", redis_server.port), 0.0005)
             try:
                 far = f"redis://127.0.0.1:{proxy.port}/0"
-                crawls = _crawls(site, redis_server, far, work, urls, args.rounds)
+                crawls, cpu = _crawls(site, redis_server, far, work, urls, args.rounds)
             finally:
                 proxy.close()
             micro = _micro(site, redis_server, work, urls, args.micro, args.rounds)
             sizes = _sizes(site, redis_server, urls)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report(crawls, micro, sizes, args)
+    _report(crawls, cpu, micro, sizes, args)
     print(f"load average at end: {_load()}")
 
 
@@ -89,7 +94,8 @@ def _urls(site: Site, pages: int) -> list[str]:
 
 def _crawls(
     site: Site, redis_server: RedisServer, far: str, work: Path, urls: list[str], rounds: int
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Pages/s and the crawl's CPU µs per page, per variant and round."""
     client = redis_server.client()
     live_fs, cached_fs = work / "fs-live", work / "fs-cached"
     base = {"LOG_LEVEL": "WARNING", "POLITE_HTTPCACHE_REDIS_URL": redis_server.url}
@@ -133,18 +139,27 @@ def _crawls(
     }
     prepare_cached()
     results: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            before = _children_cpu()
             results[name].append(variants[name]())
+            cpu[name].append((_children_cpu() - before) / len(urls) * 1e6)
         print(
             f"round {r + 1}/{rounds}: "
-            + ", ".join(f"{n} {results[n][-1]:.0f}" for n in names)
-            + f" pages/s (load {_load()})",
+            + ", ".join(f"{n} {results[n][-1]:.0f} ({cpu[n][-1]:.0f} µs)" for n in names)
+            + f" pages/s (CPU/page) (load {_load()})",
             flush=True,
         )
-    return results
+    return results, cpu
+
+
+def _children_cpu() -> float:
+    """CPU seconds used so far by finished child processes (the crawls)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _crawl(urls: list[str], settings: dict, *, cached: bool = False) -> float:
@@ -249,11 +264,20 @@ def _sizes(site: Site, redis_server: RedisServer, urls: list[str]) -> dict[str, 
 
 
 # -- report -------------------------------------------------------------------------------
-def _report(crawls: dict, micro: dict, sizes: dict, args: argparse.Namespace) -> None:
+def _report(crawls: dict, cpu: dict, micro: dict, sizes: dict, args: argparse.Namespace) -> None:
     med = {name: statistics.median(values) for name, values in crawls.items()}
 
     def ratio(a: str, b: str) -> float:  # median of the per-round ratios a/b
         return statistics.median(x / y for x, y in zip(crawls[a], crawls[b], strict=True))
+
+    def cpu_ratio(a: str, b: str) -> str:
+        ratios = [x / y for x, y in zip(cpu[a], cpu[b], strict=True)]
+        median = statistics.median(ratios)
+        return f"CPU/page {median:.3f}, rounds {min(ratios):.2f}-{max(ratios):.2f}"
+
+    def rounds(a: str, b: str) -> str:
+        ratios = [x / y for x, y in zip(crawls[a], crawls[b], strict=True)]
+        return f"rounds {min(ratios):.3f}-{max(ratios):.3f}; {cpu_ratio(a, b)}"
 
     print(
         f"\n== {args.pages}-page local crawl over {len(HOSTS)} hosts, no delays, "
@@ -261,13 +285,16 @@ def _report(crawls: dict, micro: dict, sizes: dict, args: argparse.Namespace) ->
     )
     for name, value in med.items():
         spread = f"{min(crawls[name]):.0f}-{max(crawls[name]):.0f}"
-        print(f"  {name:<28} {value:6.0f}   (rounds {spread})")
+        print(
+            f"  {name:<28} {value:6.0f}   (rounds {spread})   "
+            f"CPU {statistics.median(cpu[name]):5.0f} µs/page"
+        )
     live = ratio("live, Redis storing", "live, no cache")
     live_fs = ratio("live, filesystem storing", "live, no cache")
     print(
         "\n(1) live crawl, Redis cache storing vs no cache: "
         f"{live:.3f} (cost {100 * (1 - live):+.1f} %; goal under 5 %: "
-        f"{'met' if live > 0.95 else 'NOT met'})"
+        f"{'met' if live > 0.95 else 'NOT met'}; {rounds('live, Redis storing', 'live, no cache')})"
     )
     print(
         f"    filesystem cache storing vs no cache:        {live_fs:.3f} "
@@ -281,14 +308,16 @@ def _report(crawls: dict, micro: dict, sizes: dict, args: argparse.Namespace) ->
     cached = ratio("cached, Redis", "cached, filesystem")
     print(
         f"(2) fully cached re-run, Redis vs filesystem:    {cached:.3f} "
-        f"(goal at least 1.0: {'met' if cached >= 1.0 else 'NOT met'})"
+        f"(goal at least 1.0: {'met' if cached >= 1.0 else 'NOT met'}; "
+        f"{rounds('cached, Redis', 'cached, filesystem')})"
     )
     blocking = ratio("cached, Redis, Scrapy's mw", "cached, filesystem")
     print(f"    Redis under Scrapy's middleware:             {blocking:.3f}")
     far = ratio("cached, Redis 1 ms away", "cached, filesystem")
     print(
         f"    Redis 1 ms away vs local filesystem:         {far:.3f} "
-        f"(goal at least 0.8: {'met' if far >= 0.8 else 'NOT met'})"
+        f"(goal at least 0.8: {'met' if far >= 0.8 else 'NOT met'}; "
+        f"{rounds('cached, Redis 1 ms away', 'cached, filesystem')})"
     )
     far_blocking = ratio("cached, 1 ms, Scrapy's mw", "cached, filesystem")
     print(f"    1 ms away, under Scrapy's middleware:        {far_blocking:.3f}")

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -44,7 +46,6 @@ from scrapy_polite._settings import PoliteSettingError, get_float
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import redis.asyncio
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
@@ -156,6 +157,8 @@ class RedisLink:
         self._settings = settings
         self._stats = stats
         self._aio: redis.asyncio.Redis | None = None  # awaited calls, asyncio reactor
+        self._aio_own: redis.asyncio.Connection | None = None  # call_in_turn()'s
+        self._aio_own_used = False  # has it answered since it last (re)connected?
         self._threaded: redis.Redis | None = None  # awaited calls, in threads, other reactors
         # GETs on the reactor thread go through one connection of their own,
         # without the pool's bookkeeping on every call (the cache's hot path).
@@ -205,6 +208,9 @@ class RedisLink:
         if self._aio is not None:
             from scrapy.utils.defer import deferred_from_coro
 
+            if self._aio_own is not None:
+                deferred_from_coro(self._aio_own.disconnect())
+                self._aio_own = None
             deferred_from_coro(self._aio.aclose())
             self._aio = None
 
@@ -272,16 +278,49 @@ class RedisLink:
             raise self._failed(exc) from exc
         return self._answered(replies)  # type: ignore[no-any-return]
 
-    async def _call_asyncio(self, commands: Sequence[Command]) -> list[Any]:
-        if self._aio is None:
-            import redis.asyncio
-            from redis.asyncio.retry import Retry as AsyncRetry
+    async def call_in_turn(self, component: str, *commands: Command) -> list[Any]:
+        """:meth:`call`, for a caller that never has two of these out at once (the
+        cache's pipelines): on the asyncio reactor it runs on the link's own
+        connection, without the client's pool and pipeline bookkeeping, and the
+        replies are raw (``b"OK"``, not ``True``). Like :meth:`blocking_one`, a
+        connection gone stale (Redis restarted) gets one more try.
+        """
+        from scrapy.utils.reactor import is_asyncio_reactor_installed
 
+        if not is_asyncio_reactor_installed():
+            return await self.call(component, *commands)
+        self._check(component, len(commands))
+        while True:
+            connection = self._own_connection()
+            try:
+                await connection.send_packed_command(connection.pack_commands(commands))
+                replies = [await _raw_reply(connection) for _ in commands]
+            except (redis.RedisError, OSError) as exc:
+                await connection.disconnect()
+                retry, self._aio_own_used = self._aio_own_used, False
+                if retry and isinstance(exc, redis.ConnectionError):
+                    continue
+                raise self._failed(exc) from exc
+            self._aio_own_used = True
+            return self._answered(replies)  # type: ignore[no-any-return]
+
+    def _own_connection(self) -> redis.asyncio.Connection:
+        if self._aio_own is None:
+            pool = self._asyncio_client().connection_pool
+            self._aio_own = pool.make_connection()  # type: ignore[no-untyped-call]
+            self._aio_own_used = False
+        return self._aio_own
+
+    def _asyncio_client(self) -> redis.asyncio.Redis:
+        if self._aio is None:
             self._aio = redis.asyncio.Redis.from_url(
                 self.url,
                 **_client_params(self._settings, AsyncRetry(NoBackoff(), 0), awaited=True),
             )
-        pipe = self._aio.pipeline(transaction=False)
+        return self._aio
+
+    async def _call_asyncio(self, commands: Sequence[Command]) -> list[Any]:
+        pipe = self._asyncio_client().pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))
@@ -337,6 +376,14 @@ class RedisLink:
     def _inc(self, event: str, count: int = 1) -> None:
         if self._stats is not None:
             self._stats.inc_value(f"polite/redis/{event}", count)
+
+
+async def _raw_reply(connection: redis.asyncio.Connection) -> Any:
+    """The next reply; a command's own error (``WRONGTYPE``) as its reply."""
+    try:
+        return await connection.read_response()
+    except redis.ResponseError as exc:
+        return exc
 
 
 # Awaited calls wait this many times POLITE_REDIS_TIMEOUT.

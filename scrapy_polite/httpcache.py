@@ -217,27 +217,29 @@ class RedisCacheStorage:
             self._unexpected(f"Could not cache {response}")
 
     # -- awaited reads and writes (RedisHttpCacheMiddleware) -------------------------
-    async def read_ahead(self, request: Request) -> None:
-        """GET *request*'s entry, awaited, for the :meth:`retrieve_response` that follows.
+    async def read_ahead(self, request: Request) -> str:
+        """GET *request*'s entry, awaited, for the :meth:`retrieve_response` that
+        follows; return its key, for :meth:`forget_read_ahead` after the lookup.
 
-        The GET shares one pipeline with every other read and write of this
-        reactor turn. Call :meth:`forget_read_ahead` after the lookup.
+        The GET shares a pipeline with the other reads and writes (see
+        :meth:`_round_trip`).
         """
         assert self._link is not None, "open_spider() was not called"
         key = self._key(request)
         if key in self._pending:
-            return
+            return key
         try:
             (reply,) = await self._round_trip([("GET", key)])
         except RedisUnavailable:
             reply = _UNAVAILABLE
         except Exception:  # not Redis's failure: let the blocking lookup try, and report
             logger.debug("Could not read %s ahead", request, exc_info=True)
-            return
+            return key
         self._read_ahead[key] = reply
+        return key
 
-    def forget_read_ahead(self, request: Request) -> None:
-        self._read_ahead.pop(self._key(request), None)
+    def forget_read_ahead(self, key: str) -> None:
+        self._read_ahead.pop(key, None)
 
     @contextmanager
     def collecting_stores(self) -> Iterator[list[tuple[str, bytes]]]:
@@ -304,7 +306,9 @@ class RedisCacheStorage:
             for waiter, _, _ in waiters:
                 waiter.errback(failure)
 
-        trip: Deferred[list[Any]] = deferred_from_coro(self._link.call(COMPONENT, *commands))
+        trip: Deferred[list[Any]] = deferred_from_coro(
+            self._link.call_in_turn(COMPONENT, *commands)
+        )
         trip.addCallbacks(answer, fail)
         trip.addBoth(lambda _: self._send_trip())  # what was asked for meanwhile
 
@@ -349,7 +353,7 @@ class RedisCacheStorage:
         except RedisUnavailable:
             self._inc("store_failed")
             return
-        self._count_stores([data], [True if reply == b"OK" else reply])
+        self._count_stores([data], [reply])
 
     def _flush_later(self) -> None:
         self._flush_call = None
@@ -378,11 +382,12 @@ class RedisCacheStorage:
         self._count_stores(list(batch.values()), results)
 
     def _count_stores(self, entries: list[bytes], replies: list[Any]) -> None:
-        """Stats for *entries* written with *replies* (``True``: stored)."""
-        stored = [data for data, r in zip(entries, replies, strict=True) if r is True]
+        """Stats for *entries* written with *replies* (``True`` or ``b"OK"``: stored)."""
+        ok = [r is True or r == b"OK" for r in replies]
+        stored = [data for data, stored in zip(entries, ok, strict=True) if stored]
         self._inc("store", len(stored))
         self._inc("stored_bytes", sum(len(data) for data in stored))
-        errors = [r for r in replies if r is not True]
+        errors = [r for r, stored in zip(replies, ok, strict=True) if not stored]
         if errors:
             self._inc("store_failed", len(errors))
             logger.warning("Redis refused %d cache entries: %s", len(errors), errors[0])
@@ -432,11 +437,11 @@ class RedisHttpCacheMiddleware(HttpCacheMiddleware):
             or not self.policy.should_cache_request(request)
         ):
             return super().process_request(request)
-        await storage.read_ahead(request)
+        key = await storage.read_ahead(request)
         try:
             return super().process_request(request)
         finally:
-            storage.forget_read_ahead(request)
+            storage.forget_read_ahead(key)
 
     async def process_response(  # type: ignore[override]
         self, request: Request, response: Response, spider: Spider | None = None

@@ -175,6 +175,28 @@ async def test_an_awaited_call_does_not_block_and_gives_the_same_replies(redis_s
     assert await link.call("robots", ("SET", "k", "v"), ("GET", "k")) == [True, b"v"]
 
 
+@deferred_f_from_coro_f
+async def test_calls_in_turn_give_raw_replies_and_a_restarted_redis_is_not_an_outage(
+    redis_server: RedisServer,
+):
+    link, stats = _link(redis_server.url)
+    replies = await link.call_in_turn(
+        "httpcache", ("SET", "k", "v"), ("LPUSH", "k", "x"), ("GET", "k")
+    )
+    assert replies[0] == b"OK"  # the link's own connection: raw replies
+    assert isinstance(replies[1], redis.ResponseError)
+    assert replies[2] == b"v"
+    redis_server.stop()
+    redis_server.start()  # the connection kept from the first call is stale now
+    assert await link.call_in_turn("httpcache", ("GET", "k")) == [None]
+    assert stats.get_value("polite/redis/error") is None
+    redis_server.stop()
+    with pytest.raises(RedisUnavailable):
+        await link.call_in_turn("httpcache", ("GET", "k"))
+    assert stats.get_value("polite/redis/outage") == 1
+    link.release()
+
+
 def test_domain_keys_put_every_key_of_a_domain_in_one_cluster_hash_slot():
     keys = [
         domain_key("example.com", "robots", "https://example.com:443"),
