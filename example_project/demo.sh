@@ -46,8 +46,13 @@ print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())' 
     "http://127.0.0.2:$port/_demo/hits"
 }
 crawl() {  # crawl RUN: the demo crawl, its items in $work/items-RUN.jsonl
-  ../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items-$1.jsonl" "${cache[@]}" 2>&1 \
-    | grep -E "scrapy-polite|scrapy_polite.robots|item_scraped_count|polite/|httpcache/|finish_reason|elapsed_time" || true
+  # Shows the add-on's start line, robots.txt events and the politeness report
+  # (a table; also written as JSON and HTML), not the raw stats.
+  ../.venv/bin/scrapy crawl demo -a site="$sites" -O "$work/items-$1.jsonl" "${cache[@]}" \
+    -s "POLITE_REPORT_JSON=$work/report-$1.json" -s "POLITE_REPORT_HTML=$work/report-$1.html" 2>&1 \
+    | awk '/Politeness report for spider/ { table = 1; print; next }
+           table && /^[0-9][0-9][0-9][0-9]-/ { table = 0 }
+           table || /scrapy-polite:|scrapy_polite.robots|Politeness report written|finish_reason/ { print }'
 }
 
 cd example_project

@@ -26,6 +26,7 @@ from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.misc import load_object
 
 from scrapy_polite._redis import redact, redis_url
+from scrapy_polite._settings import get_bool
 from scrapy_polite.cluster import cluster_enabled
 from scrapy_polite.httpcache import RedisCacheStorage
 
@@ -43,6 +44,7 @@ ROBOTS_MIDDLEWARE = "scrapy_polite.robots.PoliteRobotsTxtMiddleware"
 CACHE_STORAGE = "scrapy_polite.httpcache.RedisCacheStorage"
 CACHE_MIDDLEWARE = "scrapy_polite.httpcache.RedisHttpCacheMiddleware"
 PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
+REPORT_EXTENSION = "scrapy_polite.report.PolitenessReport"
 CLUSTER_QUEUE = "scrapy_polite.cluster.DomainQueue"
 CLUSTER_SERIALIZER = "scrapy_polite.serializer"
 
@@ -50,6 +52,7 @@ DELAY_PRIORITY = 950
 ROBOTS_PRIORITY = 100
 CACHE_PRIORITY = 900  # Scrapy's HttpCacheMiddleware's
 PROCESS_PRIORITY = 1000
+REPORT_PRIORITY = 500
 
 
 class Addon:
@@ -68,6 +71,7 @@ class Addon:
         enabled.append(self._enable_cache(settings))
         enabled.append(self._enable_process(settings))
         enabled.append(self._enable_cluster(settings))
+        enabled.append(self._enable_report(settings))
         logger.info("scrapy-polite: %s", "; ".join(enabled))
 
     def _enable_delays(self, settings: BaseSettings) -> str:
@@ -114,6 +118,12 @@ class Addon:
                 settings.set(name, value, priority="addon")
         url = redis_url(settings, "POLITE_CLUSTER_REDIS_URL")
         return f"cluster mode on ({redact(url) if url else '?'}: shared pace, domain-aware queue)"
+
+    def _enable_report(self, settings: BaseSettings) -> str:
+        if not get_bool(settings, "POLITE_REPORT_ENABLED", True):
+            return "politeness report off (POLITE_REPORT_ENABLED)"
+        _add_component(settings, "EXTENSIONS", REPORT_EXTENSION, REPORT_PRIORITY)
+        return "politeness report at the close"
 
 
 def _replace_middleware(settings: BaseSettings, scrapys: type, ours: str, priority: int) -> bool:

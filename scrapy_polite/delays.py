@@ -56,6 +56,7 @@ from scrapy_polite._settings import (
     robots_user_agent,
 )
 from scrapy_polite.cluster import Busy, ClusterConfig, Grant, SharedPace, cluster_enabled
+from scrapy_polite.report import ledger, report_enabled
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
     from scrapy.statscollectors import StatsCollector
     from scrapy.utils.asyncio import CallLaterResult
     from typing_extensions import Self
+
+    from scrapy_polite.report import DomainAccount
 
 __all__ = ["DISTRIBUTIONS", "DelayConfig", "DelayRange", "PoliteDelayMiddleware"]
 
@@ -184,11 +187,17 @@ class DelayConfig:
     def range_for(self, key: str, host: str) -> DelayRange:
         """The range of slot *key* (for *host*): its ``POLITE_DELAY_DOMAINS`` entry
         (or its parent domain's), its ``DOWNLOAD_SLOTS`` delay, or the default."""
+        return self.range_and_source(key, host)[0]
+
+    def range_and_source(self, key: str, host: str) -> tuple[DelayRange, str]:
+        """:meth:`range_for`, and the name of the setting it comes from."""
         host = host.lower()
         for domain, delay_range in self.domains:
             if host == domain or host.endswith("." + domain):
-                return delay_range
-        return self.slots.get(key, self.default)
+                return delay_range, "POLITE_DELAY_DOMAINS"
+        if key in self.slots:
+            return self.slots[key], "DOWNLOAD_SLOTS"
+        return self.default, "POLITE_DELAY"
 
 
 def _default_jitter(settings: BaseSettings) -> float:
@@ -294,6 +303,7 @@ class _DomainPace:
         "_reported",
         "_rng",
         "_stats",
+        "account",
         "backoff",
         "cap",
         "crawl_delay",
@@ -303,6 +313,7 @@ class _DomainPace:
         "last_start",
         "opening",
         "range",
+        "range_source",
         "revision",
         "wake",
         "widen",
@@ -334,6 +345,8 @@ class _DomainPace:
         self._reported: float | None = None
         self.widen = 1.0  # gaps times this: the live workers, while a cluster paces alone
         self.wake: Callable[[], None] = _nothing  # wakes the domain's slot (set with it)
+        self.account: DomainAccount | None = None  # the politeness report's, when it runs
+        self.range_source = "POLITE_DELAY"  # the setting the range comes from
 
     def floor(self) -> float:
         return max(self.range.low, self.crawl_delay)
@@ -363,6 +376,8 @@ class _DomainPace:
         self.last_start = now
         if not self._opened and not self.opening:
             self.opening = now
+        if self.account is not None:
+            self.account.departed(time.time(), self._rng)
 
     def opened(self, now: float) -> None:
         """A download of the domain ended (answered or failed).
@@ -397,7 +412,19 @@ class _DomainPace:
         if gap != self._reported:  # a stat write per departure would cost the crawl
             self._reported = gap
             self._stats.set_value(f"polite/delay/current/{self.key}", round(gap, 3))
+            if self.account is not None:
+                self.account.delay_source = self._source(slot_delay)
         return gap
+
+    def _source(self, slot_delay: float) -> str:
+        """Where the current gap comes from, for the politeness report."""
+        if self.backoff:
+            return "back-off"
+        if self.crawl_delay > self.range.low:
+            return "Crawl-delay"
+        if slot_delay > self.range.high:
+            return "AutoThrottle"
+        return self.range_source
 
 
 class _SharedDomainPace(_DomainPace):
@@ -657,6 +684,8 @@ class PoliteDelayMiddleware:
         self._backed_off: dict[str, _DomainPace] = {}  # domains with an extra delay
         self._shared: SharedPace | None = None
         self._heartbeat: Any = None
+        # The politeness report's ledger, when the report runs.
+        self._ledger = ledger(crawler) if report_enabled(crawler.settings) else None
         if cluster_enabled(crawler.settings):
             self._shared = SharedPace(crawler, ClusterConfig.from_settings(crawler.settings))
             crawler.signals.connect(self._start_heartbeat, signal=signals.spider_opened)
@@ -686,7 +715,7 @@ class PoliteDelayMiddleware:
         pace = self._domains.get(key)
         if pace is None:
             host = urlparse_cached(request).hostname or key
-            delay_range = self.config.range_for(key, host)
+            delay_range, source = self.config.range_and_source(key, host)
             if self._shared is None:
                 pace = _DomainPace(key, delay_range, self.config.cap, self._rng, self._stats)
             else:
@@ -700,6 +729,11 @@ class PoliteDelayMiddleware:
                     self._backing_off,
                     self._shared.retry_interval,
                 )
+            pace.range_source = source
+            if self._ledger is not None:
+                pace.account = self._ledger.account(key)
+                pace.account.configured_gap = (delay_range.low + delay_range.high) / 2
+                pace.account.delay_source = source
             self._domains[key] = pace
         return pace
 
@@ -713,6 +747,8 @@ class PoliteDelayMiddleware:
     def process_response(
         self, request: Request, response: Response, spider: Spider | None = None
     ) -> Request | Response:
+        if self._ledger is not None:
+            self._count(request, response)
         if response.status not in self.config.backoff_codes:
             if self._backed_off and "cached" not in response.flags:
                 self._recover(request)
@@ -732,6 +768,18 @@ class PoliteDelayMiddleware:
             stats_base_key="polite/delay/retry",
         )
         return retry or response
+
+    def _count(self, request: Request, response: Response) -> None:
+        """For the politeness report: every answer, before a retry can hide it."""
+        if not urlparse_cached(request).hostname:
+            return
+        assert self._ledger is not None
+        assert self.crawler.engine is not None
+        account = self._ledger.account(self.crawler.engine.downloader.get_slot_key(request))
+        if "cached" in response.flags:
+            account.cache_hits += 1
+        else:
+            account.responses[f"{response.status // 100}xx"] += 1
 
     def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
         assert self.crawler.engine is not None
@@ -780,6 +828,10 @@ class PoliteDelayMiddleware:
             )
             _spawn(_shared_call(back_off), f"sharing a back-off of {pace.key}")
             pace.void()
+        if pace.account is not None:
+            pace.account.backoff_answers += 1
+            if retry_after:
+                pace.account.waits.append(retry_after)
         self._stats.inc_value("polite/delay/backoff")
         self._stats.inc_value(f"polite/delay/backoff/{pace.key}")
         self._stats.set_value(f"polite/delay/extra/{pace.key}", round(pace.backoff, 3))

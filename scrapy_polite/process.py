@@ -18,6 +18,10 @@ makes threads no help for Python code).
   so that a death can be blamed on the one item that was running. Only a
   death while an item runs alone counts against it; after
   ``POLITE_PROCESS_RETRIES`` such retries the item is given up.
+- A function that runs longer than ``POLITE_PROCESS_TIMEOUT`` seconds (no
+  limit by default) is over time: the pool's workers are replaced, the item
+  is retried alone or given up like one whose worker died, and the other items
+  that were in the pool run again (they are not suspects).
 - The pool starts in ``open_spider`` (which also checks that the workers can
   import the function) and is drained and shut down in ``close_spider``.
   Workers ignore SIGINT (a terminal's Ctrl-C reaches the whole process group;
@@ -44,20 +48,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from pkgutil import resolve_name
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from itemadapter import ItemAdapter
 from scrapy.exceptions import DropItem
 from scrapy.utils.defer import maybe_deferred_to_future
 from twisted.internet.defer import Deferred, DeferredSemaphore
 
-from scrapy_polite._settings import PoliteSettingError, get_choice, get_int
+from scrapy_polite._settings import PoliteSettingError, get_choice, get_float, get_int
 
 if TYPE_CHECKING:
     from scrapy import Spider
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
     from scrapy.statscollectors import StatsCollector
+    from twisted.internet.base import DelayedCall, ReactorBase
     from typing_extensions import Self
 
 __all__ = [
@@ -100,6 +105,7 @@ class ProcessConfig:
     start_method: str
     retries: int
     on_error: str
+    timeout: float  # 0: none
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
@@ -114,6 +120,7 @@ class ProcessConfig:
             ),
             retries=get_int(settings, "POLITE_PROCESS_RETRIES", 2, minimum=0),
             on_error=get_choice(settings, "POLITE_PROCESS_ON_ERROR", "drop", ON_ERROR),
+            timeout=get_float(settings, "POLITE_PROCESS_TIMEOUT", 0, minimum=0),
         )
 
 
@@ -315,7 +322,10 @@ class _Job:
     label: str  # for the log: "the item of <url>"
     done: Deferred[Future[tuple[bytes, float]]] = field(default_factory=Deferred)
     suspect: bool = False  # was in the pool when a worker died: runs again, alone
-    deaths: int = 0  # worker deaths while this item ran alone
+    deaths: int = 0  # worker deaths while this item ran alone, and times it ran over time
+    overdue: bool = False  # ran over POLITE_PROCESS_TIMEOUT in its current run
+    collateral: bool = False  # its worker was killed because another item ran over time
+    watchdog: DelayedCall | None = None  # fires at POLITE_PROCESS_TIMEOUT
 
 
 class _WorkerPool:
@@ -382,8 +392,15 @@ class _WorkerPool:
 
     # -- scheduling -------------------------------------------------------------------
     def _pump(self) -> None:
-        """Submit what may go: everything in order, except that a suspect runs alone."""
+        """Submit what may go: everything in order, except that a suspect runs alone.
+
+        With a timeout, no more than one item per worker is submitted, so that
+        each starts at once and its clock counts its own run only.
+        """
+        limited = bool(self.config.timeout)
         while self._backlog and self._solo is None:
+            if limited and len(self._running) >= self.config.workers:
+                return
             job = self._backlog[0]
             if job.suspect:
                 if self._running:
@@ -409,12 +426,36 @@ class _WorkerPool:
             job.done.callback(_failed(error))
             return
         self._running.add(job)
+        if self.config.timeout:
+            clock = cast("ReactorBase", reactor)
+            job.watchdog = clock.callLater(self.config.timeout, self._over_time, job, executor)
         future.add_done_callback(partial(reactor.callFromThread, self._finished, job, executor))
+
+    def _over_time(self, job: _Job, executor: ProcessPoolExecutor) -> None:
+        """*job* ran over the timeout: kill the workers; the pool breaks, as after a death."""
+        job.watchdog = None
+        if job not in self._running or executor is not self._executor:
+            return
+        for other in self._running:
+            other.collateral = other is not job
+        job.overdue = True
+        self.stats.inc_value("polite/process/timed_out")
+        logger.warning(
+            "%s ran over POLITE_PROCESS_TIMEOUT (%s s) in a worker process: "
+            "its workers are replaced, and the items that were in the pool run again",
+            job.label,
+            self.config.timeout,
+        )
+        _kill_workers(executor)
 
     def _finished(
         self, job: _Job, executor: ProcessPoolExecutor, future: Future[tuple[bytes, float]]
     ) -> None:
         self._running.discard(job)
+        if job.watchdog is not None:
+            if job.watchdog.active():
+                job.watchdog.cancel()
+            job.watchdog = None
         solo = self._solo is job
         if solo:
             self._solo = None
@@ -429,8 +470,17 @@ class _WorkerPool:
                 waiter.callback(None)
 
     def _worker_died(self, job: _Job, executor: ProcessPoolExecutor, solo: bool) -> None:
+        over_time = job.overdue or job.collateral
         if executor is self._executor:
-            self._restart(executor, explain=not solo)
+            self._restart(executor, explain=not solo and not over_time)
+        if job.collateral:  # killed with the one over time: not a suspect, runs again
+            job.collateral = False
+            self.stats.inc_value("polite/process/retried")
+            self._backlog.appendleft(job)
+            return
+        if job.overdue:
+            self._over_time_again(job)
+            return
         if not solo:
             # It shared the pool with others: the death cannot be blamed on it.
             job.suspect = True
@@ -457,6 +507,25 @@ class _WorkerPool:
         )
         self._backlog.appendleft(job)
 
+    def _over_time_again(self, job: _Job) -> None:
+        """*job* ran over the timeout: the same count as a death while it ran alone."""
+        job.overdue = False
+        job.deaths += 1
+        if job.deaths > self.config.retries:
+            job.done.callback(
+                _failed(
+                    _WorkerDiedError(
+                        f"it ran over POLITE_PROCESS_TIMEOUT ({self.config.timeout} s) or its "
+                        f"worker died, {job.deaths} times (POLITE_PROCESS_RETRIES = "
+                        f"{self.config.retries})"
+                    )
+                )
+            )
+            return
+        self.stats.inc_value("polite/process/retried")
+        job.suspect = True  # runs again alone
+        self._backlog.appendleft(job)
+
     def _restart(self, broken: ProcessPoolExecutor, *, explain: bool) -> None:
         if explain:
             logger.warning(
@@ -466,6 +535,17 @@ class _WorkerPool:
         self.stats.inc_value("polite/process/worker_restarts")
         broken.shutdown(wait=False)  # its manager thread reaps the dead pool's processes
         self._executor = self._new_executor()
+
+
+def _kill_workers(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL every worker process of *executor* (``_processes`` is the
+    executor's own table of them; it has no public way to stop one)."""
+    processes = getattr(executor, "_processes", None) or {}
+    for process in list(processes.values()):
+        try:
+            process.kill()
+        except (OSError, ValueError):  # already gone, or already closed
+            continue
 
 
 def _failed(error: BaseException) -> Future[tuple[bytes, float]]:

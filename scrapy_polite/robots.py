@@ -77,6 +77,7 @@ from scrapy_polite._settings import (
     get_float,
     robots_user_agent,
 )
+from scrapy_polite.report import ledger, report_enabled
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -204,6 +205,8 @@ class PoliteRobotsTxtMiddleware:
         self._scheduled: WeakSet[Request] = WeakSet()  # passed the gate in this process
         self._closing = False
         self._store: RobotsStore | None = None
+        # The politeness report's ledger, when the report runs.
+        self._ledger = ledger(crawler) if report_enabled(crawler.settings) else None
         if self.config.redis_url:
             link = RedisLink.open(
                 crawler,
@@ -262,6 +265,8 @@ class PoliteRobotsTxtMiddleware:
             return
         logger.debug("Forbidden by robots.txt: %s", request)
         self._stats.inc_value("polite/robots/forbidden")
+        if self._ledger is not None:
+            self._ledger.account(origin.host).forbidden += 1
         raise IgnoreRequest("Forbidden by robots.txt")
 
     def _fail(self, origin: _Origin, request: Request) -> IgnoreRequest:
@@ -353,6 +358,7 @@ class PoliteRobotsTxtMiddleware:
         origin.attempts = 0
         if outcome.kind == "unavailable":
             self._stats.inc_value("polite/robots/unavailable")
+        self._robots_status(origin, "file" if outcome.kind == "rules" else "unavailable")
         request = origin.trigger or Request(origin.key + "/robots.txt")
         if outcome.kind == "rules":
             self.crawler.signals.send_catch_log(
@@ -383,6 +389,7 @@ class PoliteRobotsTxtMiddleware:
             origin.state = _State.UNREACHABLE
             origin.unreachable_since = now
             self._stats.inc_value("polite/robots/unreachable")
+            self._robots_status(origin, "unreachable")
         waited = now - origin.unreachable_since
         if waited >= self.config.unreachable_timeout:
             self._give_up(origin, waited)
@@ -430,10 +437,16 @@ class PoliteRobotsTxtMiddleware:
             self.config.retry_max_delay,
         )
         self._stats.inc_value("polite/robots/unreachable/gave_up")
+        self._robots_status(origin, "given up")
         origin.state = _State.GIVEN_UP
         origin.attempts = 0
         origin.retry_at = monotonic() + self.config.retry_max_delay
         self._release(origin)
+
+    def _robots_status(self, origin: _Origin, status: str) -> None:
+        """For the politeness report: "file", "unavailable", "unreachable", "given up"."""
+        if self._ledger is not None:
+            self._ledger.account(origin.host).robots = status
 
     def _release(self, origin: _Origin) -> None:
         """Schedule the held requests again and wake those parked in the downloader."""

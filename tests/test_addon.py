@@ -16,6 +16,7 @@ from scrapy_polite import Addon
 from scrapy_polite.delays import PoliteDelayMiddleware
 from scrapy_polite.httpcache import RedisHttpCacheMiddleware
 from scrapy_polite.process import ProcessPipeline
+from scrapy_polite.report import PolitenessReport
 from scrapy_polite.robots import PoliteRobotsTxtMiddleware
 from scrapy_polite.testing.crawl import crawl
 from scrapy_polite.testing.site import Site
@@ -40,8 +41,14 @@ def _changed_by_addon(user: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def test_addon_alone_adds_only_the_delay_middleware():
-    assert _changed_by_addon({}) == {"DOWNLOADER_MIDDLEWARES": {PoliteDelayMiddleware: 950}}
+REPORT = {"EXTENSIONS": {PolitenessReport: 500}}
+
+
+def test_addon_alone_adds_only_the_delay_middleware_and_the_report():
+    assert _changed_by_addon({}) == {
+        "DOWNLOADER_MIDDLEWARES": {PoliteDelayMiddleware: 950},
+        **REPORT,
+    }
 
 
 def test_robotstxt_obey_swaps_scrapys_middleware_for_ours():
@@ -51,7 +58,8 @@ def test_robotstxt_obey_swaps_scrapys_middleware_for_ours():
             RobotsTxtMiddleware: None,
             PoliteRobotsTxtMiddleware: 100,
             PoliteDelayMiddleware: 950,
-        }
+        },
+        **REPORT,
     }
 
 
@@ -121,7 +129,12 @@ EVERYTHING_ON = {
 
 def test_every_setting_the_addon_writes_keeps_the_users_own_value():
     written = _changed_by_addon(EVERYTHING_ON)
-    assert set(written) == {"DOWNLOADER_MIDDLEWARES", "HTTPCACHE_STORAGE", "ITEM_PIPELINES"}
+    assert set(written) == {
+        "DOWNLOADER_MIDDLEWARES",
+        "HTTPCACHE_STORAGE",
+        "ITEM_PIPELINES",
+        "EXTENSIONS",
+    }
     assert set(written["DOWNLOADER_MIDDLEWARES"]) == {
         RobotsTxtMiddleware,
         PoliteRobotsTxtMiddleware,
@@ -133,6 +146,7 @@ def test_every_setting_the_addon_writes_keeps_the_users_own_value():
         "DOWNLOADER_MIDDLEWARES": {"scrapy_polite.delays.PoliteDelayMiddleware": 123},
         "HTTPCACHE_STORAGE": "scrapy.extensions.httpcache.DbmCacheStorage",
         "ITEM_PIPELINES": {"scrapy_polite.process.ProcessPipeline": 7},
+        "EXTENSIONS": {"scrapy_polite.report.PolitenessReport": 3},
     }
     assert set(users) == set(written)  # one user value for each setting the add-on writes
     settings = get_crawler(Spider, {**EVERYTHING_ON, **users, "ADDONS": {Addon: 100}}).settings
@@ -143,10 +157,13 @@ def test_every_setting_the_addon_writes_keeps_the_users_own_value():
     assert PoliteDelayMiddleware not in middlewares
     pipelines = settings.getdict("ITEM_PIPELINES")
     assert pipelines == {"scrapy_polite.process.ProcessPipeline": 7}
+    assert settings.getdict("EXTENSIONS") == {"scrapy_polite.report.PolitenessReport": 3}
 
 
-def test_delays_can_be_switched_off():
-    assert _changed_by_addon({"POLITE_DELAY_ENABLED": False}) == {}
+def test_delays_and_the_report_can_be_switched_off():
+    assert _changed_by_addon({"POLITE_DELAY_ENABLED": False}) == REPORT
+    off = {"POLITE_DELAY_ENABLED": False, "POLITE_REPORT_ENABLED": False}
+    assert _changed_by_addon(off) == {}
 
 
 @pytest.mark.parametrize("reactor", ["asyncio", "epoll"])
@@ -175,7 +192,8 @@ def test_scrapy_redis_with_a_redis_url_turns_cluster_mode_on_with_queue_serializ
     assert changed["SCHEDULER_SERIALIZER"] == "scrapy_polite.serializer"
     assert changed["SCHEDULER_PERSIST"] is True
     assert _changed_by_addon({"SCHEDULER": "scrapy_redis.scheduler.Scheduler"}).keys() == {
-        "DOWNLOADER_MIDDLEWARES"  # no Redis URL: no cluster mode
+        "DOWNLOADER_MIDDLEWARES",  # no Redis URL: no cluster mode
+        "EXTENSIONS",
     }
     assert "SCHEDULER_QUEUE_CLASS" not in _changed_by_addon(
         {**SCRAPY_REDIS, "POLITE_CLUSTER": "false"}

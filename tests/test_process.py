@@ -56,6 +56,8 @@ def work(fields: dict[str, Any]) -> dict[str, Any]:
         raise DropItem(f"the function does not want {fields['url']}")
     if fields.get("exit"):
         raise SystemExit(3)
+    if fields.get("hang"):
+        time.sleep(3600)  # a function that never returns
     burn_until = time.perf_counter() + fields.get("burn", 0)
     while time.perf_counter() < burn_until:  # CPU work, holding the GIL
         pass
@@ -328,6 +330,33 @@ def test_item_that_always_kills_its_worker_is_given_up_and_only_that_one(site: S
     _assert_accounted_for(result)
 
 
+def test_a_function_that_never_returns_is_timed_out_retried_alone_then_given_up(site: Site):
+    marks = {"3": {"hang": True}}
+    settings = {
+        **ADDON,
+        "POLITE_PROCESS_WORKERS": 2,
+        "POLITE_PROCESS_RETRIES": 1,
+        "POLITE_PROCESS_TIMEOUT": 1.5,
+    }
+    result = _run(site, settings, 10, marks=marks, extra={"sleep": 0.05}, check=False)
+    assert result.returncode == 0
+    assert result.stat("finish_reason") == "finished"
+    assert sorted(item["n"] for item in result.items) == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    # Over time in company, then once more alone: given up, as with POLITE_PROCESS_RETRIES = 1.
+    assert result.stat("polite/process/timed_out") == 2
+    assert result.stat("polite/process/worker_restarts") == 2
+    assert result.stat("polite/process/gave_up") == 1
+    assert result.stat("polite/process/processed") == 9
+    url = site.url(site.hosts[0], "/p/3")
+    assert result.log.count(f"the item of {url} ran over POLITE_PROCESS_TIMEOUT (1.5 s)") == 2
+    assert re.search(
+        rf"could not process the item of {re.escape(url)} \(dropping it\): it ran over "
+        r"POLITE_PROCESS_TIMEOUT \(1.5 s\) or its worker died, 2 times",
+        result.log,
+    ), result.log[-3000:]
+    _assert_accounted_for(result)
+
+
 # -- stopping --------------------------------------------------------------------------------
 def _descendants(pid: int) -> set[int]:
     parents: dict[int, int] = {}
@@ -517,6 +546,8 @@ def test_function_given_as_an_object_is_sent_by_its_import_path():
         ("POLITE_PROCESS_START_METHOD", "thread", "one of 'forkserver', 'spawn', 'fork'"),
         ("POLITE_PROCESS_RETRIES", -1, "at least 0"),
         ("POLITE_PROCESS_ON_ERROR", "ignore", "one of 'drop', 'keep'"),
+        ("POLITE_PROCESS_TIMEOUT", -1, "at least 0"),
+        ("POLITE_PROCESS_TIMEOUT", "soon", "a number"),
     ],
 )
 def test_bad_settings_are_rejected_naming_the_setting(name: str, value: Any, message: str):

@@ -8,12 +8,15 @@ reaches for (one number, a JSON list, a comma-separated list).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from scrapy import Spider
 from scrapy.settings import Settings
+from scrapy.utils.test import get_crawler
 
-from scrapy_polite import PoliteSettingError
+from scrapy_polite import Addon, PoliteSettingError
 from scrapy_polite._redis import RedisLink, redis_url
 from scrapy_polite._settings import as_list, get_dict, robots_user_agent
 from scrapy_polite.cluster import SCRAPY_REDIS_SCHEDULER as SCRAPY_REDIS
@@ -21,6 +24,7 @@ from scrapy_polite.cluster import ClusterConfig, cluster_enabled
 from scrapy_polite.delays import DelayConfig, DelayRange
 from scrapy_polite.httpcache import HttpCacheConfig
 from scrapy_polite.process import ProcessConfig
+from scrapy_polite.report import PolitenessReport, report_enabled
 from scrapy_polite.robots import RobotsConfig
 
 UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"
@@ -46,6 +50,14 @@ def _process(settings: dict[str, Any]) -> ProcessConfig:
 
 def _cluster(settings: dict[str, Any]) -> ClusterConfig:
     return ClusterConfig.from_settings(Settings({**BASE, **settings}))
+
+
+class _DemoSpider(Spider):
+    name = "demo"
+
+
+def _report(settings: dict[str, Any]) -> PolitenessReport:
+    return PolitenessReport(get_crawler(_DemoSpider, {**BASE, **settings}))
 
 
 def _link(settings: dict[str, Any]) -> RedisLink:
@@ -132,6 +144,20 @@ STRING_FORMS: list[tuple[str, str, Callable[[dict[str, Any]], Any], Any]] = [
     ("POLITE_PROCESS_MAX_IN_FLIGHT", "9", lambda s: _process(s).max_in_flight, 9),
     ("POLITE_PROCESS_START_METHOD", "spawn", lambda s: _process(s).start_method, "spawn"),
     ("POLITE_PROCESS_RETRIES", "0", lambda s: _process(s).retries, 0),
+    ("POLITE_PROCESS_TIMEOUT", "2.5", lambda s: _process(s).timeout, 2.5),
+    (
+        "POLITE_REPORT_ENABLED",
+        "False",
+        lambda s: report_enabled(get_crawler(Spider, {"ADDONS": {Addon: 100}, **s}).settings),
+        False,
+    ),
+    (
+        "POLITE_REPORT_JSON",
+        "out/{spider}.json",
+        lambda s: _report(s).json_path,
+        Path("out/demo.json"),
+    ),
+    ("POLITE_REPORT_HTML", "report.html", lambda s: _report(s).html_path, Path("report.html")),
     ("POLITE_PROCESS_ON_ERROR", "keep", lambda s: _process(s).on_error, "keep"),
     ("POLITE_CLUSTER", "true", lambda s: cluster_enabled(Settings(s)), True),
     ("POLITE_CLUSTER", "false", lambda s: cluster_enabled(Settings({**BASE, **s})), False),
@@ -174,8 +200,6 @@ def test_every_setting_accepts_its_string_form(name, text, read, expected):
 
 
 def test_every_polite_setting_in_the_readme_has_a_string_form_test():
-    from pathlib import Path
-
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     documented = {
         line.split("`")[1] for line in readme.splitlines() if line.startswith("| `POLITE_")

@@ -1,0 +1,368 @@
+"""The politeness report: how the crawl behaved towards each domain, from what it did.
+
+:class:`PolitenessReport` is an extension (the add-on enables it). At the close
+it logs one table, one line per domain, and writes the same account as JSON to
+``POLITE_REPORT_JSON`` and as a self-contained HTML page (a chart of the gaps
+per domain, no network needed to open it) to ``POLITE_REPORT_HTML`` when those
+name files. :meth:`PolitenessReport.build` gives it on demand.
+
+Every figure comes from what happened, never from the settings: the components
+write into the crawler's :class:`Ledger` as they act (the delay middleware when
+a download starts, when an answer comes back, before a retry can hide it, and
+when it backs off; the robots.txt middleware when it learns a file's status or
+forbids a request), and the extension itself counts the items from Scrapy's
+signals. Without the delay middleware (``POLITE_DELAY_ENABLED = False``) the
+report has no requests, answers nor gaps.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scrapy import signals
+from scrapy.utils.httpobj import urlparse_cached
+from scrapy.utils.misc import load_object
+
+from scrapy_polite._settings import PoliteSettingError, get_str
+
+if TYPE_CHECKING:
+    from scrapy import Request, Spider
+    from scrapy.crawler import Crawler
+    from scrapy.http import Response
+    from scrapy.settings import BaseSettings
+    from typing_extensions import Self
+
+__all__ = ["DomainAccount", "Ledger", "PolitenessReport", "ledger", "report_enabled"]
+
+logger = logging.getLogger(__name__)
+
+_CRAWLER_ATTRIBUTE = "_scrapy_polite_ledger"
+# Gaps kept per domain for the median and the chart; past this, a uniform sample.
+_KEPT_GAPS = 2000
+_CHART_POINTS = 400
+
+
+def report_enabled(settings: BaseSettings) -> bool:
+    """Whether :class:`PolitenessReport` is among the crawl's extensions."""
+    extensions = settings.getwithbase("EXTENSIONS")
+    return any(
+        load_object(path) is PolitenessReport
+        for path, order in extensions.items()
+        if order is not None
+    )
+
+
+def ledger(crawler: Crawler) -> Ledger:
+    """The crawler's ledger, shared by the components that write into it."""
+    found: Ledger | None = crawler.__dict__.get(_CRAWLER_ATTRIBUTE)
+    if found is None:
+        found = crawler.__dict__[_CRAWLER_ATTRIBUTE] = Ledger()
+    return found
+
+
+@dataclass
+class DomainAccount:
+    """What the crawl did to one domain (a download slot's key: its host)."""
+
+    domain: str
+    requests: int = 0  # downloads started (departures)
+    responses: Counter[str] = field(default_factory=Counter)  # "2xx": n, from the site
+    cache_hits: int = 0
+    backoff_answers: int = 0  # 429/503 (POLITE_BACKOFF_HTTP_CODES)
+    waits: list[float] = field(default_factory=list)  # Retry-After holds honoured, seconds
+    robots: str = "not checked"
+    forbidden: int = 0
+    items: int = 0
+    items_dropped: int = 0
+    delay_source: str = ""  # where the current gap comes from
+    configured_gap: float | None = None  # the mean gap the settings ask for, seconds
+    first_departure: float = 0.0  # Unix time
+    last_departure: float = 0.0
+    gap_count: int = 0
+    gap_min: float = float("inf")
+    gap_sum: float = 0.0
+    gaps: list[tuple[float, float]] = field(default_factory=list)  # (since first, gap)
+
+    def departed(self, when: float, rng: random.Random) -> None:
+        """A download started at Unix time *when*."""
+        self.requests += 1
+        if self.requests == 1:
+            self.first_departure = self.last_departure = when
+            return
+        gap = max(0.0, when - self.last_departure)
+        self.last_departure = max(self.last_departure, when)
+        self.gap_count += 1
+        self.gap_min = min(self.gap_min, gap)
+        self.gap_sum += gap
+        point = (when - self.first_departure, gap)
+        if len(self.gaps) < _KEPT_GAPS:
+            self.gaps.append(point)
+        else:  # reservoir sampling: every gap kept with the same chance
+            slot = rng.randrange(self.gap_count)
+            if slot < _KEPT_GAPS:
+                self.gaps[slot] = point
+
+    def to_dict(self, *, cache_on: bool) -> dict[str, Any]:
+        span = self.last_departure - self.first_departure
+        achieved = 60 * self.gap_count / span if span > 0 else None
+        configured = (
+            60 / self.configured_gap if self.configured_gap and self.configured_gap > 0 else None
+        )
+        gaps = sorted(gap for _, gap in self.gaps)
+        return {
+            "requests": self.requests,
+            "responses": dict(sorted(self.responses.items())),
+            "gap_min": _rounded(self.gap_min if self.gap_count else None),
+            "gap_median": _rounded(statistics.median(gaps) if gaps else None),
+            "gap_mean": _rounded(self.gap_sum / self.gap_count if self.gap_count else None),
+            "requests_per_minute": _rounded(achieved, 1),
+            "configured_per_minute": _rounded(configured, 1),
+            "delay_source": self.delay_source or "none",
+            "robots": self.robots,
+            "forbidden": self.forbidden,
+            "backoff_answers": self.backoff_answers,
+            "waits_honoured": [round(w, 3) for w in self.waits],
+            "cache_hits": self.cache_hits,
+            "cache_misses": sum(self.responses.values()) if cache_on else None,
+            "items": self.items,
+            "items_dropped": self.items_dropped,
+        }
+
+
+class Ledger:
+    """One account per domain, written by the components as they act."""
+
+    def __init__(self) -> None:
+        self.domains: dict[str, DomainAccount] = {}
+
+    def account(self, domain: str) -> DomainAccount:
+        found = self.domains.get(domain)
+        if found is None:
+            found = self.domains[domain] = DomainAccount(domain)
+        return found
+
+
+class PolitenessReport:
+    """Extension: the per-domain politeness report, logged and written at the close."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        self.crawler = crawler
+        self.ledger = ledger(crawler)
+        self.json_path = _path(crawler, "POLITE_REPORT_JSON")
+        self.html_path = _path(crawler, "POLITE_REPORT_HTML")
+        self.cache_on = crawler.settings.getbool("HTTPCACHE_ENABLED")
+        self.started = time.time()
+        crawler.signals.connect(self._item, signal=signals.item_scraped)
+        crawler.signals.connect(self._dropped, signal=signals.item_dropped)
+        crawler.signals.connect(self._opened, signal=signals.spider_opened)
+        crawler.signals.connect(self._closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    # -- what the extension counts itself ----------------------------------------------
+    def _opened(self) -> None:
+        self.started = time.time()
+
+    def _item(self, item: Any, response: Response | None) -> None:
+        domain = self._domain(response.request) if response is not None else None
+        if domain is not None:
+            self.ledger.account(domain).items += 1
+
+    def _dropped(self, item: Any, response: Response | None) -> None:
+        domain = self._domain(response.request) if response is not None else None
+        if domain is not None:
+            self.ledger.account(domain).items_dropped += 1
+
+    def _domain(self, request: Request | None) -> str | None:
+        if request is None or self.crawler.engine is None:
+            return None
+        if not urlparse_cached(request).hostname:
+            return None
+        key: str = self.crawler.engine.downloader.get_slot_key(request)
+        return key
+
+    # -- the report ------------------------------------------------------------------------
+    def build(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict: the crawl, then ``"domains"``."""
+        stats = self.crawler.stats.get_stats() if self.crawler.stats else {}
+        domains = {
+            name: self.ledger.domains[name].to_dict(cache_on=self.cache_on)
+            for name in sorted(self.ledger.domains)
+        }
+        spider = self.crawler.spider
+        return {
+            "spider": spider.name if spider is not None else None,
+            "started": round(self.started, 3),
+            "finished": round(time.time(), 3),
+            "finish_reason": stats.get("finish_reason"),
+            "items_processed_in_pool": stats.get("polite/process/processed"),
+            "domains": domains,
+        }
+
+    def _closed(self, spider: Spider) -> None:
+        report = self.build()
+        logger.info("%s", format_table(report), extra={"spider": spider})
+        self._write(self.json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
+        self._write(self.html_path, render_html(report, self.ledger))
+
+    def _write(self, path: Path | None, text: str) -> None:
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+        except OSError as error:
+            logger.error("Could not write the politeness report to %s: %s", path, error)
+            return
+        logger.info("Politeness report written to %s", path)
+
+
+# -- rendering ------------------------------------------------------------------------------
+_COLUMNS = (
+    ("domain", "domain"),
+    ("requests", "requests"),
+    ("2xx/3xx/4xx/5xx", "statuses"),
+    ("gap min/median/mean s", "gaps"),
+    ("req/min (asked)", "pace"),
+    ("delay from", "delay_source"),
+    ("robots.txt", "robots"),
+    ("forbidden", "forbidden"),
+    ("429/503 (waited s)", "backoff"),
+    ("cache hit/miss", "cache"),
+    ("items", "items"),
+)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a text table, one line per domain."""
+    rows = [[title for title, _ in _COLUMNS]]
+    for domain, entry in report["domains"].items():
+        cells = _cells(domain, entry)
+        rows.append([cells[key] for _, key in _COLUMNS])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    head = f"Politeness report for spider {report['spider']!r} ({len(report['domains'])} domains)"
+    return "\n".join([head, *lines])
+
+
+def _cells(domain: str, entry: dict[str, Any]) -> dict[str, str]:
+    responses = entry["responses"]
+    pace = _number(entry["requests_per_minute"], 1)
+    if entry["configured_per_minute"] is not None:
+        pace += f" ({_number(entry['configured_per_minute'], 1)})"
+    waits = sum(entry["waits_honoured"])
+    misses = entry["cache_misses"]
+    return {
+        "domain": domain,
+        "requests": str(entry["requests"]),
+        "statuses": "/".join(str(responses.get(f"{c}xx", 0)) for c in "2345"),
+        "gaps": "/".join(_number(entry[k], 3) for k in ("gap_min", "gap_median", "gap_mean")),
+        "pace": pace,
+        "delay_source": entry["delay_source"],
+        "robots": entry["robots"],
+        "forbidden": str(entry["forbidden"]),
+        "backoff": f"{entry['backoff_answers']} ({waits:.1f})",
+        "cache": f"{entry['cache_hits']}/{'-' if misses is None else misses}",
+        "items": str(entry["items"]),
+    }
+
+
+def render_html(report: dict[str, Any], book: Ledger) -> str:
+    """A self-contained page: the table, and a chart of the gaps over time per domain."""
+    title = f"Politeness report: {report['spider']}"
+    rows = []
+    for domain, entry in report["domains"].items():
+        cells = _cells(domain, entry)
+        rows.append("<tr>" + "".join(f"<td>{html.escape(cells[k])}</td>" for _, k in _COLUMNS))
+    header = "".join(f"<th>{html.escape(t)}</th>" for t, _ in _COLUMNS)
+    charts = [
+        _chart(domain, book.domains[domain], entry)
+        for domain, entry in report["domains"].items()
+        if domain in book.domains
+    ]
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+td, th {{ border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 1em 1em 0 0; }}
+figcaption {{ font-size: 0.85em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Finish reason: {html.escape(str(report["finish_reason"]))}.
+Gaps are the seconds between two downloads to one domain, as the crawler started them.</p>
+<table><tr>{header}</tr>
+{chr(10).join(rows)}
+</table>
+{chr(10).join(charts)}
+</body></html>
+"""
+
+
+def _chart(domain: str, account: DomainAccount, entry: dict[str, Any]) -> str:
+    width, height, pad = 360, 160, 30
+    points = sorted(account.gaps)
+    if len(points) > _CHART_POINTS:
+        step = len(points) / _CHART_POINTS
+        points = [points[int(i * step)] for i in range(_CHART_POINTS)]
+    if not points:
+        body = f'<text x="{pad}" y="{height // 2}">no gaps (fewer than two requests)</text>'
+    else:
+        span = max(t for t, _ in points) or 1.0
+        top = max(g for _, g in points) * 1.1 or 1.0
+        dots = "".join(
+            f'<circle cx="{pad + (width - 2 * pad) * t / span:.1f}" '
+            f'cy="{height - pad - (height - 2 * pad) * g / top:.1f}" r="1.8"/>'
+            for t, g in points
+        )
+        body = (
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+            'stroke="#888"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#888"/>'
+            f'<text x="{pad}" y="{height - 8}" font-size="10">0 s</text>'
+            f'<text x="{width - pad}" y="{height - 8}" font-size="10" text-anchor="end">'
+            f"{span:.0f} s</text>"
+            f'<text x="2" y="{pad}" font-size="10">{top:.2f} s</text>'
+            f'<g fill="#1f6fb2">{dots}</g>'
+        )
+    caption = html.escape(
+        f"{domain}: {entry['requests']} requests, shortest gap "
+        f"{_number(entry['gap_min'], 3)} s, median {_number(entry['gap_median'], 3)} s"
+    )
+    return (
+        f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{caption}">{body}</svg><figcaption>{caption}</figcaption></figure>'
+    )
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _path(crawler: Crawler, name: str) -> Path | None:
+    value = get_str(crawler.settings, name, None, allow_none=True)
+    if value is None or not value.strip():
+        return None
+    spider = getattr(crawler.spidercls, "name", "") or ""
+    try:
+        return Path(value.replace("{spider}", spider)).expanduser()
+    except (TypeError, ValueError) as error:
+        raise PoliteSettingError(name, value, f"a file path ({error})") from None
