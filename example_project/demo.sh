@@ -52,7 +52,7 @@ crawl() {  # crawl RUN: the demo crawl, its items in $work/items-RUN.jsonl
     -s "POLITE_REPORT_JSON=$work/report-$1.json" -s "POLITE_REPORT_HTML=$work/report-$1.html" 2>&1 \
     | awk '/Politeness report for spider/ { table = 1; print; next }
            table && /^[0-9][0-9][0-9][0-9]-/ { table = 0 }
-           table || /scrapy-polite:|scrapy_polite.robots|Politeness report written|finish_reason/ { print }'
+           table || /scrapy-polite:|\[scrapy_polite\.robots\]|Politeness report written/ { print }'
 }
 
 cd example_project

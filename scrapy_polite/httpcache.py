@@ -19,8 +19,8 @@ by ``POLITE_REDIS_TIMEOUT``, and once ``store_response`` returns the entry is
 in Redis, as with Scrapy's own storages. The add-on puts
 :class:`RedisHttpCacheMiddleware` in its place: Scrapy's middleware, policies
 and stats, except that the round trips are awaited instead of blocking the
-reactor, and every read and write asked for in one turn of the reactor shares
-one pipeline. Its writes are in Redis before the response moves on to the
+reactor: one pipeline out at a time, the next carrying every read and write
+asked for meanwhile. Its writes are in Redis before the response moves on to the
 spider. Both go through the crawler's one Redis layer
 (:mod:`scrapy_polite._redis`).
 

@@ -126,7 +126,7 @@ class DomainAccount:
             "gap_mean": _rounded(self.gap_sum / self.gap_count if self.gap_count else None),
             "requests_per_minute": _rounded(achieved, 1),
             "configured_per_minute": _rounded(configured, 1),
-            "delay_source": self.delay_source or "none",
+            "delay_source": self.delay_source or None,  # None: no request went out
             "robots": self.robots,
             "forbidden": self.forbidden,
             "backoff_answers": self.backoff_answers,
@@ -251,9 +251,14 @@ def format_table(report: dict[str, Any]) -> str:
         cells = _cells(domain, entry)
         rows.append([cells[key] for _, key in _COLUMNS])
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    head = f"Politeness report for spider {report['spider']!r} ({len(report['domains'])} domains)"
+    head = (
+        f"Politeness report for spider {report['spider']!r} "
+        f"({len(report['domains'])} domains, {report.get('finish_reason') or 'running'})"
+    )
     return "\n".join([head, *lines])
 
 
@@ -270,7 +275,7 @@ def _cells(domain: str, entry: dict[str, Any]) -> dict[str, str]:
         "statuses": "/".join(str(responses.get(f"{c}xx", 0)) for c in "2345"),
         "gaps": "/".join(_number(entry[k], 3) for k in ("gap_min", "gap_median", "gap_mean")),
         "pace": pace,
-        "delay_source": entry["delay_source"],
+        "delay_source": entry["delay_source"] or "-",
         "robots": entry["robots"],
         "forbidden": str(entry["forbidden"]),
         "backoff": f"{entry['backoff_answers']} ({waits:.1f})",

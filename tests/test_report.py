@@ -81,7 +81,7 @@ def test_the_json_report_counts_per_domain_what_the_site_saw(site: Site, tmp_pat
     assert domains[polite]["delay_source"] == "POLITE_DELAY"
     assert domains[polite]["cache_hits"] == 0
     assert domains[polite]["cache_misses"] is None  # no cache
-    assert "Politeness report for spider 'pages' (3 domains)" in result.log
+    assert "Politeness report for spider 'pages' (3 domains, finished)" in result.log
     assert f"Politeness report written to {tmp_path / 'pages.json'}" in result.log
 
 
@@ -159,7 +159,7 @@ def test_the_table_has_a_line_per_domain_and_dashes_for_what_is_unknown():
         },
     }
     lines = format_table(report).splitlines()
-    assert lines[0] == "Politeness report for spider 'demo' (1 domains)"
+    assert lines[0] == "Politeness report for spider 'demo' (1 domains, running)"
     assert lines[1].split()[0] == "domain"
     assert set(lines[2]) <= {"-", " "}
     row = lines[3].split()
