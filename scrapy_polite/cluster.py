@@ -80,6 +80,7 @@ __all__ = [
     "Grant",
     "SharedPace",
     "cluster_enabled",
+    "worker_id",
     "workers_key",
 ]
 
@@ -269,7 +270,7 @@ class SharedPace:
 
     def __init__(self, crawler: Crawler, config: ClusterConfig) -> None:
         self.config = config
-        self.worker = _worker_id(crawler)
+        self.worker = worker_id(crawler)
         self.workers = 1  # live workers last seen, this one included
         self._link = RedisLink.open(
             crawler,
@@ -504,7 +505,7 @@ class DomainQueue:
         self.key = key
         self.serializer = serializer or load_object("scrapy_polite.serializer")
         self.config = ClusterConfig.from_settings(crawler.settings)
-        self.worker = _worker_id(crawler)
+        self.worker = worker_id(crawler)
         self._link = RedisLink.open(
             crawler, self.config.url, QUEUE, "requests wait in each worker, and go out later"
         )
@@ -775,7 +776,7 @@ def workers_key(settings: BaseSettings, spider: str) -> str:
     return f"{queue_key % {'spider': spider}}:workers"
 
 
-def _worker_id(crawler: Crawler) -> str:
+def worker_id(crawler: Crawler) -> str:
     """One id per crawler process, shared by its queue and its pace."""
     found: str | None = crawler.__dict__.get("_scrapy_polite_worker")
     if found is None:

@@ -377,7 +377,7 @@ class _DomainPace:
         if not self._opened and not self.opening:
             self.opening = now
         if self.account is not None:
-            self.account.departed(time.time(), self._rng)
+            self.account.departed(time.time())
 
     def opened(self, now: float) -> None:
         """A download of the domain ended (answered or failed).

@@ -18,12 +18,12 @@ report has no requests, answers nor gaps.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import logging
-import random
 import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,22 +32,38 @@ from scrapy import signals
 from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import load_object
 
+from scrapy_polite._redis import KEY_PREFIX, RedisLink, RedisUnavailable, redis_url
 from scrapy_polite._settings import PoliteSettingError, get_str
 
 if TYPE_CHECKING:
+    import redis
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Response
     from scrapy.settings import BaseSettings
     from typing_extensions import Self
 
-__all__ = ["DomainAccount", "Ledger", "PolitenessReport", "ledger", "report_enabled"]
+__all__ = [
+    "DomainAccount",
+    "Ledger",
+    "PolitenessReport",
+    "cluster_report",
+    "format_table",
+    "ledger",
+    "merge_reports",
+    "render_html",
+    "report_enabled",
+    "report_key",
+]
 
 logger = logging.getLogger(__name__)
 
 _CRAWLER_ATTRIBUTE = "_scrapy_polite_ledger"
-# Gaps kept per domain for the median and the chart; past this, a uniform sample.
-_KEPT_GAPS = 2000
+COMPONENT = "report"
+# A worker's part of the cluster's report stays this long after its last write.
+_REPORT_TTL = 7 * 86400
+# Departures kept per domain (the latest) for the median, the chart and the cluster's merge.
+_KEPT_DEPARTURES = 2000
 _CHART_POINTS = 400
 
 
@@ -90,11 +106,13 @@ class DomainAccount:
     gap_count: int = 0
     gap_min: float = float("inf")
     gap_sum: float = 0.0
-    gaps: list[tuple[float, float]] = field(default_factory=list)  # (since first, gap)
+    # The latest departures (Unix times), for the median, the chart and the cluster's merge.
+    departures: deque[float] = field(default_factory=lambda: deque(maxlen=_KEPT_DEPARTURES))
 
-    def departed(self, when: float, rng: random.Random) -> None:
+    def departed(self, when: float) -> None:
         """A download started at Unix time *when*."""
         self.requests += 1
+        self.departures.append(when)
         if self.requests == 1:
             self.first_departure = self.last_departure = when
             return
@@ -103,13 +121,6 @@ class DomainAccount:
         self.gap_count += 1
         self.gap_min = min(self.gap_min, gap)
         self.gap_sum += gap
-        point = (when - self.first_departure, gap)
-        if len(self.gaps) < _KEPT_GAPS:
-            self.gaps.append(point)
-        else:  # reservoir sampling: every gap kept with the same chance
-            slot = rng.randrange(self.gap_count)
-            if slot < _KEPT_GAPS:
-                self.gaps[slot] = point
 
     def to_dict(self, *, cache_on: bool) -> dict[str, Any]:
         span = self.last_departure - self.first_departure
@@ -117,7 +128,7 @@ class DomainAccount:
         configured = (
             60 / self.configured_gap if self.configured_gap and self.configured_gap > 0 else None
         )
-        gaps = sorted(gap for _, gap in self.gaps)
+        gaps = sorted(_gaps(list(self.departures)))
         return {
             "requests": self.requests,
             "responses": dict(sorted(self.responses.items())),
@@ -160,6 +171,12 @@ class PolitenessReport:
         self.json_path = _path(crawler, "POLITE_REPORT_JSON")
         self.html_path = _path(crawler, "POLITE_REPORT_HTML")
         self.cache_on = crawler.settings.getbool("HTTPCACHE_ENABLED")
+        # cluster.py imports robots.py, which writes into the ledger: imported here.
+        from scrapy_polite.cluster import URL_SETTING, cluster_enabled
+
+        self.cluster_url = (
+            redis_url(crawler.settings, URL_SETTING) if cluster_enabled(crawler.settings) else None
+        )
         self.started = time.time()
         crawler.signals.connect(self._item, signal=signals.item_scraped)
         crawler.signals.connect(self._dropped, signal=signals.item_dropped)
@@ -210,11 +227,50 @@ class PolitenessReport:
             "domains": domains,
         }
 
-    def _closed(self, spider: Spider) -> None:
+    def departures(self) -> dict[str, list[float]]:
+        """The latest departures of each domain, Unix times."""
+        return {name: list(a.departures) for name, a in self.ledger.domains.items()}
+
+    async def _closed(self, spider: Spider) -> None:
         report = self.build()
         logger.info("%s", format_table(report), extra={"spider": spider})
+        departures = self.departures()
+        if self.cluster_url is not None:
+            shared = await self._share(report, departures)
+            if shared is not None:
+                report["cluster"], departures = shared
+                logger.info("%s", format_table(report["cluster"]), extra={"spider": spider})
         self._write(self.json_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
-        self._write(self.html_path, render_html(report, self.ledger))
+        # In cluster mode, the page shows the whole cluster, as far as it is known.
+        self._write(self.html_path, render_html(report.get("cluster", report), departures))
+
+    async def _share(
+        self, report: dict[str, Any], departures: dict[str, list[float]]
+    ) -> tuple[dict[str, Any], dict[str, list[float]]] | None:
+        """Add this worker's report to the cluster's in Redis; the cluster's, merged."""
+        from scrapy_polite.cluster import worker_id
+
+        assert self.cluster_url is not None
+        key = report_key(report["spider"] or "")
+        entry = json.dumps({"report": report, "departures": departures})
+        link = RedisLink.open(
+            self.crawler, self.cluster_url, COMPONENT, "the report is this worker's only"
+        )
+        try:
+            *_, found = await link.call(
+                COMPONENT,
+                ("HSET", key, worker_id(self.crawler), entry),
+                ("EXPIRE", key, _REPORT_TTL),
+                ("HGETALL", key),
+            )
+        except RedisUnavailable:
+            return None
+        finally:
+            link.release()
+        if isinstance(found, Exception):
+            logger.warning("Could not read the cluster's report at %s: %s", key, found)
+            return None
+        return merge_reports(_decoded(found))
 
     def _write(self, path: Path | None, text: str) -> None:
         if path is None:
@@ -226,6 +282,112 @@ class PolitenessReport:
             logger.error("Could not write the politeness report to %s: %s", path, error)
             return
         logger.info("Politeness report written to %s", path)
+
+
+# -- the cluster's report -------------------------------------------------------------------
+def report_key(spider: str) -> str:
+    """The Redis hash of a spider's cluster report: one field per worker."""
+    return f"{KEY_PREFIX}:report:{spider}"
+
+
+def cluster_report(
+    client: redis.Redis, spider: str
+) -> tuple[dict[str, Any], dict[str, list[float]]] | None:
+    """The cluster's report of *spider* as its workers left it in Redis (and every
+    domain's departures), or ``None`` if no worker has written one."""
+    entries = _decoded(client.hgetall(report_key(spider)))
+    return merge_reports(entries) if entries else None
+
+
+def merge_reports(
+    entries: dict[str, dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """The cluster's report from its workers' (worker id: ``{"report", "departures"}``),
+    and every domain's departures, merged."""
+    domains: dict[str, dict[str, Any]] = {}
+    departures: dict[str, list[float]] = {}
+    reports = [entry["report"] for entry in entries.values()]
+    for entry in entries.values():
+        for name, times in entry.get("departures", {}).items():
+            departures.setdefault(name, []).extend(times)
+        for name, part in entry["report"]["domains"].items():
+            _add(domains.setdefault(name, _empty_domain()), part)
+    for name, merged in domains.items():
+        gaps = _gaps(departures.get(name, []))
+        times = departures.get(name, [])
+        span = max(times) - min(times) if times else 0
+        merged["gap_min"] = _rounded(min(gaps) if gaps else None)
+        merged["gap_median"] = _rounded(statistics.median(gaps) if gaps else None)
+        merged["gap_mean"] = _rounded(sum(gaps) / len(gaps) if gaps else None)
+        merged["requests_per_minute"] = _rounded(60 * len(gaps) / span if span > 0 else None, 1)
+        # A worker that sent nothing there did not check: the others' status counts.
+        statuses = merged["robots"] - {"not checked"} or {"not checked"}
+        merged["robots"] = ", ".join(sorted(statuses))
+        merged["delay_source"] = ", ".join(sorted(merged["delay_source"])) or None
+        merged["responses"] = dict(sorted(merged["responses"].items()))
+    reasons = sorted({str(r.get("finish_reason")) for r in reports})
+    processed = [r.get("items_processed_in_pool") for r in reports]
+    report = {
+        "spider": reports[0]["spider"] if reports else None,
+        "workers": sorted(entries),
+        "started": min((r["started"] for r in reports), default=None),
+        "finished": max((r["finished"] for r in reports), default=None),
+        "finish_reason": f"{len(entries)} workers: {', '.join(reasons)}",
+        "items_processed_in_pool": sum(n for n in processed if n) if any(processed) else None,
+        "domains": dict(sorted(domains.items())),
+    }
+    return report, departures
+
+
+_SUMMED = (
+    "requests",
+    "forbidden",
+    "backoff_answers",
+    "cache_hits",
+    "items",
+    "items_dropped",
+)
+
+
+def _empty_domain() -> dict[str, Any]:
+    merged: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
+    merged |= {
+        "responses": Counter(),
+        "waits_honoured": [],
+        "cache_misses": None,
+        "robots": set(),
+        "delay_source": set(),
+        "configured_per_minute": None,
+    }
+    return merged
+
+
+def _add(merged: dict[str, Any], part: dict[str, Any]) -> None:
+    for name in _SUMMED:
+        merged[name] += part.get(name) or 0
+    merged["responses"].update(part.get("responses") or {})
+    merged["waits_honoured"].extend(part.get("waits_honoured") or [])
+    if part.get("cache_misses") is not None:
+        merged["cache_misses"] = (merged["cache_misses"] or 0) + part["cache_misses"]
+    merged["robots"].add(part.get("robots") or "not checked")
+    if part.get("delay_source"):
+        merged["delay_source"].add(part["delay_source"])
+    asked = part.get("configured_per_minute")
+    if asked is not None:
+        merged["configured_per_minute"] = max(merged["configured_per_minute"] or 0, asked)
+
+
+def _decoded(found: Any) -> dict[str, dict[str, Any]]:
+    """The workers' entries from ``HGETALL``; an entry that is not ours is skipped."""
+    entries: dict[str, dict[str, Any]] = {}
+    for worker, raw in dict(found).items():
+        try:
+            entry = json.loads(raw)
+            if isinstance(entry, dict) and isinstance(entry.get("report"), dict):
+                entries[worker.decode() if isinstance(worker, bytes) else str(worker)] = entry
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return entries
 
 
 # -- rendering ------------------------------------------------------------------------------
@@ -284,8 +446,9 @@ def _cells(domain: str, entry: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def render_html(report: dict[str, Any], book: Ledger) -> str:
-    """A self-contained page: the table, and a chart of the gaps over time per domain."""
+def render_html(report: dict[str, Any], departures: dict[str, list[float]]) -> str:
+    """A self-contained page: the table, and a chart of the gaps over time per domain
+    (from each domain's *departures*, Unix times)."""
     title = f"Politeness report: {report['spider']}"
     rows = []
     for domain, entry in report["domains"].items():
@@ -293,9 +456,8 @@ def render_html(report: dict[str, Any], book: Ledger) -> str:
         rows.append("<tr>" + "".join(f"<td>{html.escape(cells[k])}</td>" for _, k in _COLUMNS))
     header = "".join(f"<th>{html.escape(t)}</th>" for t, _ in _COLUMNS)
     charts = [
-        _chart(domain, book.domains[domain], entry)
+        _chart(domain, sorted(departures.get(domain, ())), entry)
         for domain, entry in report["domains"].items()
-        if domain in book.domains
     ]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -318,9 +480,9 @@ Gaps are the seconds between two downloads to one domain, as the crawler started
 """
 
 
-def _chart(domain: str, account: DomainAccount, entry: dict[str, Any]) -> str:
+def _chart(domain: str, times: list[float], entry: dict[str, Any]) -> str:
     width, height, pad = 360, 160, 30
-    points = sorted(account.gaps)
+    points = [(b - times[0], b - a) for a, b in itertools.pairwise(times)]
     if len(points) > _CHART_POINTS:
         step = len(points) / _CHART_POINTS
         points = [points[int(i * step)] for i in range(_CHART_POINTS)]
@@ -352,6 +514,11 @@ def _chart(domain: str, account: DomainAccount, entry: dict[str, Any]) -> str:
         f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'role="img" aria-label="{caption}">{body}</svg><figcaption>{caption}</figcaption></figure>'
     )
+
+
+def _gaps(times: list[float]) -> list[float]:
+    ordered = sorted(times)
+    return [b - a for a, b in itertools.pairwise(ordered)]
 
 
 def _number(value: float | None, digits: int) -> str:

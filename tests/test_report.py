@@ -8,8 +8,8 @@ from pathlib import Path
 from scrapy import Spider
 from scrapy.utils.test import get_crawler
 
-from scrapy_polite.report import PolitenessReport, format_table, report_enabled
-from scrapy_polite.testing.crawl import crawl
+from scrapy_polite.report import PolitenessReport, cluster_report, format_table, report_enabled
+from scrapy_polite.testing.crawl import crawl, finish_crawl, start_crawl
 from scrapy_polite.testing.redis_server import RedisServer
 from scrapy_polite.testing.site import Reply, Site
 
@@ -166,3 +166,42 @@ def test_the_table_has_a_line_per_domain_and_dashes_for_what_is_unknown():
     assert row[0] == "a.example"
     assert "-/-/-" in row  # no gap with one request
     assert "1/0/0/0" in row
+
+
+def test_in_cluster_mode_the_workers_reports_merge_into_one_for_the_whole_cluster(
+    site: Site, redis_server: RedisServer, tmp_path: Path
+):
+    hosts = site.hosts[:2]
+    for host in hosts:
+        site.set_pages(host, 8)
+    settings = {
+        **ADDON,
+        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+        "DUPEFILTER_CLASS": "scrapy_polite.cluster.DupeFilter",
+        "REDIS_URL": redis_server.url,
+        "POLITE_DELAY": 0.2,
+        "POLITE_CLUSTER_LEASE": 3,
+    }
+    urls = json.dumps([site.url(h, "/") for h in hosts])
+    started = [
+        start_crawl("tests.spiders.SharedSpider", settings, args={"urls": urls}) for _ in range(2)
+    ]
+    results = [finish_crawl(*s, timeout=120) for s in started]
+    assert all(r.returncode == 0 for r in results), results[0].log[-3000:]
+    found = cluster_report(redis_server.client(), "shared")
+    assert found is not None
+    report, departures = found
+    assert len(report["workers"]) == 2
+    assert report["finish_reason"] == "2 workers: finished"
+    for host in hosts:
+        entry = report["domains"][host]
+        assert entry["requests"] == len(site.hits(host)) == 9  # the index and 8 pages
+        assert entry["items"] == 9
+        assert len(departures[host]) == 9
+        # The cluster's gaps are the site's: the floor holds across workers.
+        assert entry["gap_min"] >= 0.2 - 0.005
+        assert abs(entry["gap_min"] - min(site.gaps(host))) < 0.05
+    # Each worker logs its own report, and the cluster's as far as it knows it.
+    logs = "\n".join(r.log for r in results)
+    assert logs.count("Politeness report for spider 'shared'") == 4
+    assert "(2 domains, 2 workers: finished)" in logs
