@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import configparser
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from scrapy import Spider
@@ -97,4 +102,33 @@ def html_response(
         body=page_body("example.com", 1) if body is None else body,
         headers=kw.pop("headers", [("Content-Type", "text/html; charset=utf-8")]),
         **kw,
+    )
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def scrapy_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``scrapy <args>`` in *tmp_path*, with the commands declared in setup.cfg's entry
+    points (from this checkout, installed or not)."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    dist = tmp_path / "polite_commands_entry_points-0.dist-info"
+    if not dist.exists():
+        dist.mkdir()
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: polite-commands-entry-points\nVersion: 0\n"
+        )
+        entry_points = config["options.entry_points"]["scrapy.commands"]
+        (dist / "entry_points.txt").write_text(f"[scrapy.commands]\n{entry_points.strip()}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    env.pop("SCRAPY_SETTINGS_MODULE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "scrapy", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )

@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import configparser
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from scrapy_polite.httpcache import cache_usage
 from scrapy_polite.testing.redis_server import RedisServer
-from tests.conftest import html_response
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import html_response, scrapy_command
 
 
 def _polite_cache(
     tmp_path: Path, redis_server: RedisServer, *args: str
 ) -> subprocess.CompletedProcess:
-    """``scrapy polite-cache ...`` with the entry point declared in setup.cfg."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    dist = tmp_path / "polite_cache_entry_point-0.dist-info"
-    if not dist.exists():
-        dist.mkdir()
-        (dist / "METADATA").write_text(
-            "Metadata-Version: 2.1\nName: polite-cache-entry-point\nVersion: 0\n"
-        )
-        entry_points = config["options.entry_points"]["scrapy.commands"]
-        (dist / "entry_points.txt").write_text(f"[scrapy.commands]\n{entry_points.strip()}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
-    env.pop("SCRAPY_SETTINGS_MODULE", None)
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scrapy",
-            "polite-cache",
-            *args,
-            "-s",
-            f"POLITE_REDIS_URL={redis_server.url}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    return scrapy_command(
+        tmp_path, "polite-cache", *args, "-s", f"POLITE_REDIS_URL={redis_server.url}"
     )
 
 
