@@ -75,7 +75,7 @@ class Addon:
         logger.info("scrapy-polite: %s", "; ".join(enabled))
 
     def _enable_delays(self, settings: BaseSettings) -> str:
-        if not settings.getbool("POLITE_DELAY_ENABLED", True):
+        if not get_bool(settings, "POLITE_DELAY_ENABLED", True):
             return "delays off"
         _add_component(settings, "DOWNLOADER_MIDDLEWARES", DELAY_MIDDLEWARE, DELAY_PRIORITY)
         return "per-domain delays on"

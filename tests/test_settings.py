@@ -21,11 +21,11 @@ from scrapy_polite._redis import RedisLink, redis_url
 from scrapy_polite._settings import as_list, get_dict, robots_user_agent
 from scrapy_polite.cluster import SCRAPY_REDIS_SCHEDULER as SCRAPY_REDIS
 from scrapy_polite.cluster import ClusterConfig, cluster_enabled
-from scrapy_polite.delays import DelayConfig, DelayRange
-from scrapy_polite.httpcache import HttpCacheConfig
-from scrapy_polite.process import ProcessConfig
+from scrapy_polite.delays import DelayConfig, DelayRange, PoliteDelayMiddleware
+from scrapy_polite.httpcache import HttpCacheConfig, RedisCacheStorage
+from scrapy_polite.process import ProcessConfig, ProcessPipeline
 from scrapy_polite.report import PolitenessReport, report_enabled
-from scrapy_polite.robots import RobotsConfig
+from scrapy_polite.robots import PoliteRobotsTxtMiddleware, RobotsConfig
 
 UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"
 URL = "redis://127.0.0.1:1/0"
@@ -256,3 +256,85 @@ def test_a_user_agent_without_a_product_token_fails_both_components_alike():
         with pytest.raises(PoliteSettingError, match=r"Invalid setting USER_AGENT='\(none\)'"):
             read(bad)
     assert _delays({"USER_AGENT": "(none)"}).robots_token == "*"  # no robots.txt: unused
+
+
+# (setting, a value of the wrong type): each must stop the crawl at start-up, naming it.
+WRONG_TYPES: list[tuple[str, Any]] = [
+    ("POLITE_REDIS_URL", 6379),
+    ("POLITE_REDIS_TIMEOUT", "soon"),
+    ("POLITE_REDIS_RETRY_INTERVAL", [1, 2]),
+    ("POLITE_DELAY_ENABLED", "maybe"),
+    ("POLITE_DELAY", {"low": 1}),
+    ("POLITE_DELAY_DISTRIBUTION", 3),
+    ("POLITE_DELAY_DOMAINS", "not json"),
+    ("POLITE_DELAY_MAX", "long"),
+    ("POLITE_BACKOFF_HTTP_CODES", "many"),
+    ("POLITE_BACKOFF_DELAY", [5]),
+    ("POLITE_BACKOFF_FACTOR", "double"),
+    ("POLITE_BACKOFF_RECOVERY", {}),
+    ("POLITE_BACKOFF_RETRIES", 2.5),
+    ("POLITE_OBEY_CRAWL_DELAY", "sometimes"),
+    ("POLITE_ROBOTS_USER_AGENT", 42),
+    ("POLITE_ROBOTS_EXPIRY", "a day"),
+    ("POLITE_ROBOTS_TIMEOUT", []),
+    ("POLITE_ROBOTS_RETRY_DELAY", "soon"),
+    ("POLITE_ROBOTS_RETRY_MAX_DELAY", "later"),
+    ("POLITE_ROBOTS_UNREACHABLE_TIMEOUT", "never"),
+    ("POLITE_ROBOTS_REDIS_URL", ["redis://x"]),
+    ("POLITE_HTTPCACHE_REDIS_URL", 1),
+    ("POLITE_HTTPCACHE_PREFIX", 7),
+    ("POLITE_HTTPCACHE_NAMESPACE", ["a"]),
+    ("POLITE_HTTPCACHE_COMPRESSION_LEVEL", "max"),
+    ("POLITE_HTTPCACHE_COMPRESS_MIN_SIZE", "big"),
+    ("POLITE_HTTPCACHE_MAX_BODY_SIZE", 1.5),
+    ("POLITE_HTTPCACHE_WRITE_BATCH", "some"),
+    ("POLITE_HTTPCACHE_WRITE_DELAY", "short"),
+    ("POLITE_PROCESS_FUNCTION", 5),
+    ("POLITE_PROCESS_WORKERS", "all"),
+    ("POLITE_PROCESS_MAX_IN_FLIGHT", [2]),
+    ("POLITE_PROCESS_START_METHOD", 1),
+    ("POLITE_PROCESS_RETRIES", "twice"),
+    ("POLITE_PROCESS_TIMEOUT", [1]),
+    ("POLITE_PROCESS_ON_ERROR", True),
+    ("POLITE_REPORT_ENABLED", "perhaps"),
+    ("POLITE_REPORT_JSON", 3),
+    ("POLITE_REPORT_HTML", ["a.html"]),
+    ("POLITE_CLUSTER", "perhaps"),
+    ("POLITE_CLUSTER_REDIS_URL", 9),
+    ("POLITE_CLUSTER_LEASE", "long"),
+]
+
+EVERYTHING = {
+    **BASE,
+    "ROBOTSTXT_OBEY": True,
+    "HTTPCACHE_ENABLED": True,
+    "SCHEDULER": SCRAPY_REDIS,
+}
+
+
+def _start_up(settings: dict[str, Any]) -> None:
+    """Build what a crawl with every component on builds at start-up, as Scrapy would."""
+    crawler = get_crawler(_DemoSpider, {**EVERYTHING, "ADDONS": {Addon: 100}, **settings})
+    PoliteDelayMiddleware.from_crawler(crawler)
+    PoliteRobotsTxtMiddleware.from_crawler(crawler)
+    RedisCacheStorage(crawler.settings)
+    ProcessPipeline.from_crawler(crawler)
+    PolitenessReport.from_crawler(crawler)
+
+
+def test_the_wrong_type_table_covers_every_setting_in_the_readme():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    documented = {
+        line.split("`")[1] for line in readme.splitlines() if line.startswith("| `POLITE_")
+    }
+    assert documented == {name for name, _ in WRONG_TYPES}
+
+
+def test_every_component_starts_with_the_defaults():
+    _start_up({})
+
+
+@pytest.mark.parametrize(("name", "value"), WRONG_TYPES, ids=[name for name, _ in WRONG_TYPES])
+def test_a_setting_of_the_wrong_type_fails_at_start_up_naming_it(name: str, value: Any):
+    with pytest.raises(PoliteSettingError, match=f"Invalid setting {name}="):
+        _start_up({name: value})
