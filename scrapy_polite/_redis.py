@@ -31,6 +31,7 @@ use that server), never through a client of its own:
 from __future__ import annotations
 
 import logging
+import ssl
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -59,6 +60,7 @@ __all__ = [
     "redis_from_settings",
     "redis_url",
     "required_redis_url",
+    "verify_redis",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,18 +94,72 @@ def redis_url(settings: BaseSettings, override: str | None = None) -> str | None
     ``POLITE_REDIS_URL``, scrapy-redis's ``REDIS_URL``, then scrapy-redis's
     ``REDIS_HOST``/``REDIS_PORT`` when either is set explicitly.
     """
+    found = _url_and_setting(settings, override)
+    return found[0] if found else None
+
+
+def _url_and_setting(settings: BaseSettings, override: str | None) -> tuple[str, str] | None:
     for name in (override, "POLITE_REDIS_URL", "REDIS_URL"):
         if name is None:
             continue
         value = settings.get(name)
         if value:
             _check_url(name, value)
-            return str(value)
+            return str(value), name
     if settings.get("REDIS_HOST") or settings.get("REDIS_PORT"):
         host = settings.get("REDIS_HOST") or "localhost"
         port = settings.get("REDIS_PORT") or 6379
-        return f"redis://{host}:{port}"
+        return f"redis://{host}:{port}", "REDIS_HOST/REDIS_PORT"
     return None
+
+
+def verify_redis(settings: BaseSettings, override: str | None) -> None:
+    """At start-up: a Redis that refuses this crawler's password, or whose TLS
+    certificate the client does not trust, is a :class:`PoliteSettingError` naming
+    the setting the URL came from, never a silent fallback. A Redis that is down
+    or does not answer is not checked here: the components fall back, and retry.
+    """
+    found = _url_and_setting(settings, override)
+    if found is None:
+        return
+    url, setting = found
+    client = redis_from_settings(settings, url)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        raise PoliteSettingError(
+            setting,
+            redact(url),
+            f"a Redis that accepts the password given (in the URL or REDIS_PARAMS): {exc}",
+        ) from None
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "WRONGPASS")):
+            raise PoliteSettingError(
+                setting, redact(url), f"the password this Redis requires: {exc}"
+            ) from None
+    except (redis.ConnectionError, OSError) as exc:
+        if _untrusted_certificate(exc):
+            raise PoliteSettingError(
+                setting,
+                redact(url),
+                "a Redis whose TLS certificate the client trusts (pass the CA as "
+                f"?ssl_ca_certs=/path/ca.pem in the URL, or in REDIS_PARAMS): {exc}",
+            ) from None
+    except redis.RedisError:
+        pass  # down, or not answering: the components' fallbacks apply
+    finally:
+        client.close()
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        if "certificate verify failed" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def required_redis_url(settings: BaseSettings, override: str, needed_for: str) -> str:

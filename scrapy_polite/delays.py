@@ -43,7 +43,7 @@ from scrapy.utils.asyncio import call_later
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.httpobj import urlparse_cached
 
-from scrapy_polite._redis import RedisUnavailable
+from scrapy_polite._redis import RedisUnavailable, verify_redis
 from scrapy_polite._scrapy_internals import PacedSlot, has_slot, install_slot
 from scrapy_polite._settings import (
     PoliteSettingError,
@@ -687,6 +687,7 @@ class PoliteDelayMiddleware:
         # The politeness report's ledger, when the report runs.
         self._ledger = ledger(crawler) if report_enabled(crawler.settings) else None
         if cluster_enabled(crawler.settings):
+            verify_redis(crawler.settings, "POLITE_CLUSTER_REDIS_URL")
             self._shared = SharedPace(crawler, ClusterConfig.from_settings(crawler.settings))
             crawler.signals.connect(self._start_heartbeat, signal=signals.spider_opened)
             crawler.signals.connect(self._leave, signal=signals.spider_closed)

@@ -44,7 +44,13 @@ from scrapy.downloadermiddlewares.httpcache import HttpCacheMiddleware
 from twisted.internet.defer import Deferred
 
 from scrapy_polite._httpcache_entry import CacheEntryError, decode_entry, encode_entry
-from scrapy_polite._redis import Command, RedisLink, RedisUnavailable, required_redis_url
+from scrapy_polite._redis import (
+    Command,
+    RedisLink,
+    RedisUnavailable,
+    required_redis_url,
+    verify_redis,
+)
 from scrapy_polite._settings import get_float, get_int, get_str
 
 if TYPE_CHECKING:
@@ -135,6 +141,7 @@ class RedisCacheStorage:
 
     def __init__(self, settings: BaseSettings) -> None:
         self.config = HttpCacheConfig.from_settings(settings)
+        verify_redis(settings, URL_SETTING)  # a wrong password stops the crawl here
         self._ttl = self.config.expiration_secs or None  # never ``EX 0``
         self._link: RedisLink | None = None
         self._key_prefix = ""

@@ -62,7 +62,7 @@ from scrapy.http.request import NO_CALLBACK
 from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 
-from scrapy_polite._redis import RedisLink, RedisUnavailable, redis_url
+from scrapy_polite._redis import RedisLink, RedisUnavailable, redis_url, verify_redis
 from scrapy_polite._robots_rules import (
     MAX_REDIRECTS,
     MAX_SIZE,
@@ -208,6 +208,7 @@ class PoliteRobotsTxtMiddleware:
         # The politeness report's ledger, when the report runs.
         self._ledger = ledger(crawler) if report_enabled(crawler.settings) else None
         if self.config.redis_url:
+            verify_redis(crawler.settings, "POLITE_ROBOTS_REDIS_URL")
             link = RedisLink.open(
                 crawler,
                 self.config.redis_url,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -25,7 +27,9 @@ from scrapy_polite._redis import (
     redis_from_settings,
     redis_url,
 )
+from scrapy_polite.testing.crawl import crawl
 from scrapy_polite.testing.redis_server import RedisServer
+from scrapy_polite.testing.site import Site
 
 
 def test_url_comes_from_the_component_then_polite_then_scrapy_redis_settings():
@@ -204,3 +208,68 @@ def test_domain_keys_put_every_key_of_a_domain_in_one_cluster_hash_slot():
     ]
     assert keys[0] == "polite:{example.com}:robots:https://example.com:443"
     assert {key_slot(k.encode()) for k in keys} == {key_slot(b"example.com")}
+
+
+# -- a Redis with a password and TLS, end to end ----------------------------------------------
+@pytest.fixture(scope="module")
+def secure_redis() -> Iterator[RedisServer]:
+    server = RedisServer(password="s3cret-pass", tls=True)
+    try:
+        server.start()
+    except RuntimeError:
+        pytest.skip("this redis-server cannot serve TLS")
+    yield server
+    server.__exit__()
+
+
+def _secure_crawl_settings(url: str) -> dict[str, object]:
+    return {
+        "ADDONS": {"scrapy_polite.Addon": 100},
+        "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
+        "DUPEFILTER_CLASS": "scrapy_polite.cluster.DupeFilter",
+        "REDIS_URL": url,  # the cache, robots.txt's store and the cluster all use it
+        "ROBOTSTXT_OBEY": True,
+        "HTTPCACHE_ENABLED": True,
+        "POLITE_DELAY": 0.05,
+    }
+
+
+def test_a_crawl_with_cache_robots_and_cluster_works_through_tls_and_a_password(
+    site: Site, secure_redis: RedisServer
+):
+    host = site.hosts[0]
+    site.set_pages(host, 5)
+    urls = json.dumps([site.url(host, "/")])
+    result = crawl(
+        "tests.spiders.SharedSpider", _secure_crawl_settings(secure_redis.url), args={"urls": urls}
+    )
+    assert len(result.items) == 6
+    assert result.stat("polite/redis/error") == 0
+    assert result.stat("polite/httpcache/store") == 6
+    assert result.stat("polite/cluster/reserved") >= 6  # the shared pace, through TLS
+    client = secure_redis.client()
+    assert client.exists(f"polite:{{{host}}}:pace")
+    assert any(b":robots:" in key for key in client.scan_iter(f"polite:{{{host}}}:*"))
+    assert "s3cret-pass" not in result.log
+
+
+@pytest.mark.parametrize("wrong", ["password", "certificate"])
+def test_a_wrong_password_or_an_untrusted_certificate_stops_the_crawl_naming_the_setting(
+    site: Site, secure_redis: RedisServer, wrong: str
+):
+    # A wrong password; or no CA, so that the self-signed certificate is not trusted.
+    url = secure_redis.url
+    url = url.replace("s3cret-pass", "not-it") if wrong == "password" else url.split("?")[0]
+    urls = json.dumps([site.url(site.hosts[0], "/")])
+    result = crawl(
+        "tests.spiders.SharedSpider",
+        _secure_crawl_settings(url),
+        args={"urls": urls},
+        check=False,
+    )
+    assert result.items == []
+    assert site.hits() == []  # not one request went out without the shared pace
+    assert "Invalid setting REDIS_URL='rediss://:***@127.0.0.1:" in result.log
+    expected = "accepts the password" if wrong == "password" else "TLS certificate the client"
+    assert expected in result.log
+    assert "not-it" not in result.log
