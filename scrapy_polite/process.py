@@ -186,6 +186,11 @@ class ProcessPipeline:
             await pool.close()
             raise
         self._pool = pool
+        from twisted.internet import reactor
+
+        # A stop that does not close the spider (a second Ctrl-C) must not wait for the
+        # items in flight: the interpreter would, at exit, for the pool's threads.
+        cast("ReactorBase", reactor).addSystemEventTrigger("before", "shutdown", self._abandon)
         logger.info(
             "Process pipeline: %s in %d worker process(es) (%s), up to %d items in flight",
             config.function,
@@ -195,9 +200,25 @@ class ProcessPipeline:
         )
 
     async def close_spider(self, spider: Spider | None = None) -> None:
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            await pool.close()  # a stop at once meanwhile still finds it (_abandon)
+        finally:
+            self._pool = None
+
+    def _abandon(self) -> None:
+        """The reactor stops with the pool still open: kill the workers now."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        if pool is None:
+            return
+        logger.warning(
+            "Stopping at once: %d item(s) in the process pipeline are not finished",
+            self._in_flight,
+        )
+        self.stats.inc_value("polite/process/abandoned", self._in_flight)
+        pool.kill()
 
     # -- items ----------------------------------------------------------------------
     async def process_item(self, item: Any, spider: Spider | None = None) -> Any:
@@ -389,6 +410,12 @@ class _WorkerPool:
             self._idle_waiters.append(waiter)
             await maybe_deferred_to_future(waiter)
         await maybe_deferred_to_future(deferToThread(self._executor.shutdown, True))
+
+    def kill(self) -> None:
+        """Stop at once: kill the workers, forget every item."""
+        self._backlog.clear()
+        _kill_workers(self._executor)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- scheduling -------------------------------------------------------------------
     def _pump(self) -> None:

@@ -608,3 +608,18 @@ def test_redis_down_at_start_the_crawl_runs_without_cache_and_uses_it_once_up(si
     cached = _cached_urls(redis_server)
     assert urls[0] not in cached
     assert urls[-1] in cached
+
+
+def test_a_50_mb_page_reaches_the_spider_but_is_refused_by_the_cache_with_a_stat(
+    site, redis_server
+):
+    host = site.hosts[0]
+    huge = b"<html><title>huge</title>" + b"x" * (50 * 1024 * 1024) + b"</html>"
+    site.route(host, "/huge", Reply(200, huge, [("Content-Type", "text/html")]))
+    urls = [site.url(host, "/huge"), site.url(host, "/p/1")]
+    result = crawl(PAGES_SPIDER, _cache_settings(redis_server), args={"urls": json.dumps(urls)})
+    assert sorted(item["length"] for item in result.items)[-1] == len(huge)
+    assert result.stat("polite/httpcache/too_large") == 1
+    assert result.stat("polite/httpcache/store") == 1  # the small page only
+    assert _cached_urls(redis_server) == {site.url(host, "/p/1")}
+    assert max(redis_server.client().strlen(k) for k in redis_server.client().scan_iter()) < 10**5

@@ -386,7 +386,9 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _crawl_with_busy_workers(site: Site, pid_dir: Path) -> tuple[Any, Path, set[int]]:
+def _crawl_with_busy_workers(
+    site: Site, pid_dir: Path, sleep: float = 0.5
+) -> tuple[Any, Path, set[int]]:
     """Start a 40-page crawl of slow items; return once both workers are busy.
 
     Also returns every process the crawl has started by then (workers, fork
@@ -394,7 +396,7 @@ def _crawl_with_busy_workers(site: Site, pid_dir: Path) -> tuple[Any, Path, set[
     """
     settings = {**ADDON, "DOWNLOAD_DELAY": 0.1}
     settings |= {"POLITE_PROCESS_WORKERS": 2, "POLITE_PROCESS_MAX_IN_FLIGHT": 4}
-    extra = {"sleep": 0.5, "pid_dir": str(pid_dir)}
+    extra = {"sleep": sleep, "pid_dir": str(pid_dir)}
     args = {"urls": json.dumps(_urls(site, 40)), "extra": json.dumps(extra)}
     process, out = start_crawl("tests.test_process.ItemsSpider", settings, args=args)
     deadline = time.monotonic() + 60
@@ -436,6 +438,24 @@ def test_stopping_the_crawl_finishes_items_in_flight_and_leaves_no_process(
     assert result.stat("polite/process/items") == result.stat("polite/process/processed")
     assert result.stat("polite/process/processed") == len(result.items)
     assert result.stat("polite/process/worker_restarts") == 0
+    _assert_all_gone(spawned)
+
+
+def test_a_second_sigint_stops_at_once_and_leaves_no_process(site: Site, tmp_path: Path):
+    # Items of 20 s each: a graceful stop would wait for the ones in flight.
+    process, out, spawned = _crawl_with_busy_workers(site, tmp_path, sleep=20)
+    try:
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)  # the user insists
+        second = time.monotonic()
+        result = finish_crawl(process, out, timeout=60)
+        stopped_after = time.monotonic() - second
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "forcing unclean shutdown" in result.log
+    assert stopped_after < 10  # not the 20 s the items in flight still had to run
     _assert_all_gone(spawned)
 
 

@@ -337,6 +337,46 @@ def test_without_a_redis_url_nothing_connects_to_redis(rules_crawl):
     assert rules_crawl.result.stat("test/redis_connects", None) == 0
 
 
+# -- hostile robots.txt: one that never ends, a redirect loop, 5 MB -----------------------
+def _five_mb_robots() -> bytes:
+    head = b"User-agent: *\nDisallow: /early\n"
+    filler = b"".join(b"Disallow: /f%07d\n" % i for i in range(5 * 1024 * 1024 // 18))
+    return head + filler + b"Disallow: /late\n"
+
+
+def test_a_robots_txt_that_never_ends_a_redirect_loop_or_5_mb_never_stop_the_crawl(site: Site):
+    dripping, looping, huge, healthy = site.hosts[:4]
+    site.route(dripping, "/robots.txt", Reply(200, drip=1.0))  # a byte a second, forever
+    site.route(looping, "/robots.txt", Reply(302, headers=[("Location", "/again")]))
+    site.route(looping, "/again", Reply(302, headers=[("Location", "/robots.txt")]))
+    body = _five_mb_robots()
+    assert len(body) > 5 * 1024 * 1024
+    site.route(huge, "/robots.txt", Reply(200, body, [("Content-Type", "text/plain")]))
+    urls = [site.url(host, p) for host in (dripping, looping) for p in ("/p/0", "/p/1")]
+    urls += [site.url(huge, p) for p in ("/early", "/late", "/p/0")]
+    urls += [site.url(healthy, f"/p/{i}") for i in range(5)]
+    result = crawl(
+        SPIDER,
+        {**UNREACHABLE, "POLITE_ROBOTS_UNREACHABLE_TIMEOUT": 2},
+        args={"urls": json.dumps(urls)},
+    )
+    assert result.stat("finish_reason") == "finished"
+    # Never ends: each try times out (POLITE_ROBOTS_TIMEOUT), then the origin is given up.
+    assert site.page_hits(dripping) == []
+    assert len(_robots(site.hits(dripping))) >= 2
+    failed = [i for i in result.items if f"//{dripping}:" in i["url"]]
+    assert len(failed) == 2
+    assert all("unreachable for 2 s" in i["error"] for i in failed), failed
+    # A loop: five redirects followed, then robots.txt is unavailable and pages may be crawled.
+    assert _paths(site.hits(looping)) == {"/again", "/p/0", "/p/1"}
+    assert len(site.hits(looping)) == 6 + 2  # the first request and five hops, two pages
+    assert result.stat("polite/robots/fetch/too_many_redirects") == 1
+    # 5 MB: only the first 500 KiB are read, so /late is not forbidden.
+    assert _paths(site.page_hits(huge)) == {"/late", "/p/0"}
+    assert result.stat("polite/robots/truncated") == 1
+    assert len(site.page_hits(healthy)) == 5
+
+
 # -- unreachable robots.txt: requests wait, robots.txt is tried again, then they fail -----
 
 UNREACHABLE = {

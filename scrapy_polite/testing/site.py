@@ -85,6 +85,7 @@ class Reply:
     headers: Sequence[tuple[str, str]] = ()
     delay: float = 0.0
     close: bool = False  # drop the connection without answering
+    drip: float = 0.0  # send the body one byte every this many seconds, never ending
 
     def body_bytes(self) -> bytes:
         return self.body.encode() if isinstance(self.body, str) else self.body
@@ -272,6 +273,10 @@ class Site:
         return Reply(404, b"not found", (("Content-Type", "text/plain"),))
 
 
+# A dripping reply ends after this many seconds if the client never gives up.
+_DRIP_MAX = 60.0
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -317,6 +322,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
+            if reply.drip:
+                self._drip(reply)
+                return
             body = reply.body_bytes()
             self.send_response(reply.status)
             names = {name.lower() for name, _ in reply.headers}
@@ -329,6 +337,23 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         finally:
             site._leave(host)
+
+    def _drip(self, reply: Reply) -> None:
+        """Announce a large body, then send a byte at a time until the client gives up."""
+        self.close_connection = True
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(10**6))
+        self.end_headers()
+        deadline = time.monotonic() + _DRIP_MAX
+        try:
+            while time.monotonic() < deadline:
+                self.wfile.write(b"#")
+                self.wfile.flush()
+                time.sleep(reply.drip)
+        except OSError:
+            return  # the client gave up
 
 
 def _arrival_time(connection: socket.socket) -> float:
