@@ -26,11 +26,13 @@ a cached response is served before the domain's turn and never waits, and a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from time import monotonic
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
     from scrapy.utils.asyncio import CallLaterResult
     from typing_extensions import Self
 
-    from scrapy_polite.report import DomainAccount
+    from scrapy_polite.report import Ledger
 
 __all__ = ["DISTRIBUTIONS", "DelayConfig", "DelayRange", "PoliteDelayMiddleware"]
 
@@ -79,6 +81,8 @@ DISTRIBUTIONS = ("uniform", "lognormal", "exponential")
 
 # An extra delay below this is dropped when it fades away (seconds).
 _NEGLIGIBLE = 0.001
+# Domains looked at, least recently used first, for one to forget.
+_EVICTION_SCAN = 64
 
 # The log-normal's shape: sigma of the underlying normal (heavier tail as it grows).
 _LOGNORMAL_SIGMA = 1.0
@@ -134,6 +138,7 @@ class DelayConfig:
     robots_token: str  # the product token Crawl-delay is read for ("*" without robots.txt)
     autothrottle: bool
     autothrottle_start_delay: float
+    max_domains: int  # paces kept in memory; idle ones forgotten, least recently used first
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
@@ -182,6 +187,7 @@ class DelayConfig:
             autothrottle_start_delay=get_float(
                 settings, "AUTOTHROTTLE_START_DELAY", 5.0, minimum=0
             ),
+            max_domains=get_int(settings, "POLITE_DELAY_MAX_DOMAINS", 10_000, minimum=10),
         )
 
     def range_for(self, key: str, host: str) -> DelayRange:
@@ -303,7 +309,6 @@ class _DomainPace:
         "_reported",
         "_rng",
         "_stats",
-        "account",
         "backoff",
         "cap",
         "crawl_delay",
@@ -311,6 +316,7 @@ class _DomainPace:
         "key",
         "last_departure",
         "last_start",
+        "ledger",
         "opening",
         "range",
         "range_source",
@@ -345,11 +351,23 @@ class _DomainPace:
         self._reported: float | None = None
         self.widen = 1.0  # gaps times this: the live workers, while a cluster paces alone
         self.wake: Callable[[], None] = _nothing  # wakes the domain's slot (set with it)
-        self.account: DomainAccount | None = None  # the politeness report's, when it runs
+        self.ledger: Ledger | None = None  # the politeness report's, when it runs
         self.range_source = "POLITE_DELAY"  # the setting the range comes from
 
     def floor(self) -> float:
         return max(self.range.low, self.crawl_delay)
+
+    def idle(self, now: float) -> bool:
+        """Whether forgetting this domain now loses nothing: no back-off, hold nor
+        Crawl-delay learnt, no first download out, and its last download longer ago
+        than the longest gap (``POLITE_DELAY_MAX``), so a new pace cannot come sooner."""
+        return (
+            not self.backoff
+            and not self.crawl_delay
+            and not self.opening
+            and self.hold_until <= now
+            and now - max(self.last_start, self.last_departure) > self.cap
+        )
 
     def slow_down(self) -> None:
         """Make the next gap be drawn again, with what was just learnt."""
@@ -376,8 +394,12 @@ class _DomainPace:
         self.last_start = now
         if not self._opened and not self.opening:
             self.opening = now
-        if self.account is not None:
-            self.account.departed(time.time())
+        if self.ledger is not None:
+            account = self.ledger.account(self.key)
+            if account.configured_gap is None:  # a new account (or one folded away)
+                account.configured_gap = (self.range.low + self.range.high) / 2
+                account.delay_source = account.delay_source or self.range_source
+            account.departed(time.time())
 
     def opened(self, now: float) -> None:
         """A download of the domain ended (answered or failed).
@@ -412,8 +434,8 @@ class _DomainPace:
         if gap != self._reported:  # a stat write per departure would cost the crawl
             self._reported = gap
             self._stats.set_value(f"polite/delay/current/{self.key}", round(gap, 3))
-            if self.account is not None:
-                self.account.delay_source = self._source(slot_delay)
+            if self.ledger is not None:
+                self.ledger.account(self.key).delay_source = self._source(slot_delay)
         return gap
 
     def _source(self, slot_delay: float) -> str:
@@ -510,6 +532,16 @@ class _SharedDomainPace(_DomainPace):
             gap += min(_MARGIN_MAX, max(_MARGIN_MIN, _MARGIN_SHARE * gap)) if gap else 0.0
             self._ask(lastseen, gap)
         return monotonic() - lastseen + _PARKED  # counted from lastseen, like every wait
+
+    def idle(self, now: float) -> bool:
+        # A turn asked for, held or not yet reported belongs to Redis's account of the domain.
+        return (
+            super().idle(now)
+            and not self._asking
+            and not self._unreported
+            and self._poll is None
+            and self._confirm is None
+        )
 
     def void(self) -> None:
         """Forget the turn (the domain must slow down): ask again, for a new one."""
@@ -680,7 +712,7 @@ class PoliteDelayMiddleware:
         self.config = DelayConfig.from_settings(crawler.settings)
         self._stats = crawler.stats
         self._rng = random.Random()
-        self._domains: dict[str, _DomainPace] = {}
+        self._domains: OrderedDict[str, _DomainPace] = OrderedDict()  # least recently used first
         self._backed_off: dict[str, _DomainPace] = {}  # domains with an extra delay
         self._shared: SharedPace | None = None
         self._heartbeat: Any = None
@@ -714,7 +746,9 @@ class PoliteDelayMiddleware:
 
     def _pace(self, key: str, request: Request) -> _DomainPace:
         pace = self._domains.get(key)
-        if pace is None:
+        if pace is not None:
+            self._domains.move_to_end(key)
+        else:
             host = urlparse_cached(request).hostname or key
             delay_range, source = self.config.range_and_source(key, host)
             if self._shared is None:
@@ -732,11 +766,24 @@ class PoliteDelayMiddleware:
                 )
             pace.range_source = source
             if self._ledger is not None:
-                pace.account = self._ledger.account(key)
-                pace.account.configured_gap = (delay_range.low + delay_range.high) / 2
-                pace.account.delay_source = source
+                pace.ledger = self._ledger
             self._domains[key] = pace
+            if len(self._domains) > self.config.max_domains:
+                self._evict()
         return pace
+
+    def _evict(self) -> None:
+        """Forget the least recently used domain whose slot is gone and whose pace is idle."""
+        assert self.crawler.engine is not None
+        downloader = self.crawler.engine.downloader
+        now = monotonic()
+        for key in itertools.islice(self._domains, _EVICTION_SCAN):
+            pace = self._domains[key]
+            if has_slot(downloader, key) or not pace.idle(now):
+                continue
+            del self._domains[key]
+            self._stats.inc_value("polite/delay/evicted")
+            return
 
     def _backing_off(self, pace: _DomainPace) -> None:
         if pace.backoff:
@@ -829,10 +876,11 @@ class PoliteDelayMiddleware:
             )
             _spawn(_shared_call(back_off), f"sharing a back-off of {pace.key}")
             pace.void()
-        if pace.account is not None:
-            pace.account.backoff_answers += 1
+        if pace.ledger is not None:
+            account = pace.ledger.account(pace.key)
+            account.backoff_answers += 1
             if retry_after:
-                pace.account.waits.append(retry_after)
+                account.waits.append(retry_after)
         self._stats.inc_value("polite/delay/backoff")
         self._stats.inc_value(f"polite/delay/backoff/{pace.key}")
         self._stats.set_value(f"polite/delay/extra/{pace.key}", round(pace.backoff, 3))

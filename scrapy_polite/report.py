@@ -23,7 +23,7 @@ import json
 import logging
 import statistics
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from scrapy.utils.httpobj import urlparse_cached
 from scrapy.utils.misc import load_object
 
 from scrapy_polite._redis import KEY_PREFIX, RedisLink, RedisUnavailable, redis_url
-from scrapy_polite._settings import PoliteSettingError, get_str
+from scrapy_polite._settings import PoliteSettingError, get_int, get_str
 
 if TYPE_CHECKING:
     import redis
@@ -59,6 +59,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CRAWLER_ATTRIBUTE = "_scrapy_polite_ledger"
+# The report's row for the domains folded away past POLITE_REPORT_MAX_DOMAINS.
+OTHER_DOMAINS = "(other domains)"
 COMPONENT = "report"
 # A worker's part of the cluster's report stays this long after its last write.
 _REPORT_TTL = 7 * 86400
@@ -81,7 +83,8 @@ def ledger(crawler: Crawler) -> Ledger:
     """The crawler's ledger, shared by the components that write into it."""
     found: Ledger | None = crawler.__dict__.get(_CRAWLER_ATTRIBUTE)
     if found is None:
-        found = crawler.__dict__[_CRAWLER_ATTRIBUTE] = Ledger()
+        size = get_int(crawler.settings, "POLITE_REPORT_MAX_DOMAINS", 10_000, minimum=10)
+        found = crawler.__dict__[_CRAWLER_ATTRIBUTE] = Ledger(size)
     return found
 
 
@@ -150,16 +153,39 @@ class DomainAccount:
 
 
 class Ledger:
-    """One account per domain, written by the components as they act."""
+    """One account per domain, written by the components as they act.
 
-    def __init__(self) -> None:
-        self.domains: dict[str, DomainAccount] = {}
+    At most *max_domains* accounts are kept: past that, the least recently
+    written one is folded into :attr:`others` (its counts, not its gaps).
+    """
+
+    def __init__(self, max_domains: int = 10_000) -> None:
+        self.domains: OrderedDict[str, DomainAccount] = OrderedDict()  # least recent first
+        self.max_domains = max_domains
+        self.others = DomainAccount(OTHER_DOMAINS)
 
     def account(self, domain: str) -> DomainAccount:
         found = self.domains.get(domain)
-        if found is None:
-            found = self.domains[domain] = DomainAccount(domain)
+        if found is not None:
+            self.domains.move_to_end(domain)
+            return found
+        found = self.domains[domain] = DomainAccount(domain)
+        if len(self.domains) > self.max_domains:
+            _, oldest = self.domains.popitem(last=False)
+            self._fold(oldest)
         return found
+
+    def _fold(self, account: DomainAccount) -> None:
+        others = self.others
+        others.requests += account.requests
+        others.responses.update(account.responses)
+        others.cache_hits += account.cache_hits
+        others.backoff_answers += account.backoff_answers
+        others.forbidden += account.forbidden
+        others.items += account.items
+        others.items_dropped += account.items_dropped
+        others.robots = "-"
+        others.delay_source = "-"
 
 
 class PolitenessReport:
@@ -217,6 +243,8 @@ class PolitenessReport:
             name: self.ledger.domains[name].to_dict(cache_on=self.cache_on)
             for name in sorted(self.ledger.domains)
         }
+        if self.ledger.others.requests or self.ledger.others.items:
+            domains[OTHER_DOMAINS] = self.ledger.others.to_dict(cache_on=self.cache_on)
         spider = self.crawler.spider
         return {
             "spider": spider.name if spider is not None else None,

@@ -49,7 +49,9 @@ and, when the file lists sitemaps, this module's :data:`sitemaps_found` signal.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from time import monotonic
@@ -75,6 +77,7 @@ from scrapy_polite._settings import (
     PoliteSettingError,
     get_bool,
     get_float,
+    get_int,
     robots_user_agent,
 )
 from scrapy_polite.report import ledger, report_enabled
@@ -107,6 +110,8 @@ requests_held_at_close = object()
 
 _REDIS_POLL = 0.1  # seconds between two looks at Redis while another process fetches
 _DOWNLOAD_PRIORITY = 1000  # robots.txt requests go before the pages that wait for them
+_EVICTION_SCAN = 64  # origins looked at, oldest first, for one to forget
+_MIN_IDLE = 5.0  # seconds an origin must have gone unused before it may be forgotten
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ class RobotsConfig:
     retry_max_delay: float
     unreachable_timeout: float
     redis_url: str | None
+    max_origins: int  # origins kept in memory, least recently used evicted first
 
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> Self:
@@ -144,6 +150,7 @@ class RobotsConfig:
                 settings, "POLITE_ROBOTS_UNREACHABLE_TIMEOUT", 900.0, minimum=0
             ),
             redis_url=redis_url(settings, "POLITE_ROBOTS_REDIS_URL"),
+            max_origins=get_int(settings, "POLITE_ROBOTS_MAX_ORIGINS", 10_000, minimum=10),
         )
 
     def backoff(self, attempts: int) -> float:
@@ -183,6 +190,7 @@ class _Origin:
     held: list[Request] = field(default_factory=list)  # kept out of the scheduler
     waiters: list[Deferred[None]] = field(default_factory=list)  # parked in process_request
     timer: DelayedCall | None = None  # UNREACHABLE: the next try
+    used_at: float = 0.0  # when a request last asked for it (monotonic)
     sitemaps: tuple[str, ...] = ()
 
     @property
@@ -201,7 +209,7 @@ class PoliteRobotsTxtMiddleware:
         self.config = RobotsConfig.from_settings(crawler.settings)
         assert crawler.stats is not None
         self._stats = crawler.stats
-        self._origins: dict[str, _Origin] = {}
+        self._origins: OrderedDict[str, _Origin] = OrderedDict()  # least recently used first
         self._scheduled: WeakSet[Request] = WeakSet()  # passed the gate in this process
         self._closing = False
         self._store: RobotsStore | None = None
@@ -306,9 +314,34 @@ class PoliteRobotsTxtMiddleware:
             return None
         key = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
         origin = self._origins.get(key)
-        if origin is None and create:
+        if origin is not None:
+            self._origins.move_to_end(key)
+        elif create:
             origin = self._origins[key] = _Origin(key, host)
+            if len(self._origins) > self.config.max_origins:
+                self._evict()
+        if origin is not None:
+            origin.used_at = monotonic()
         return origin
+
+    def _evict(self) -> None:
+        """Forget the least recently used origin that is not being loaded nor waited
+        for: its next request reads its robots.txt again, from Redis or the site.
+
+        One used in the last ``_MIN_IDLE`` seconds is kept even past the limit: its
+        released requests may still be on their way through the scheduler, and
+        forgetting it would fetch its robots.txt again for each of them.
+        """
+        now = monotonic()
+        for key in itertools.islice(self._origins, _EVICTION_SCAN):
+            origin = self._origins[key]
+            if now - origin.used_at < _MIN_IDLE:
+                return  # least recently used first: the others are more recent still
+            if origin.loading or origin.waiting or origin.held or origin.waiters:
+                continue
+            del self._origins[key]
+            self._stats.inc_value("polite/robots/evicted")
+            return
 
     # -- loading an origin's rules ---------------------------------------------------
     def _start(self, origin: _Origin, request: Request | None) -> None:

@@ -8,16 +8,17 @@ import random
 import statistics
 from collections.abc import Iterator
 from email.utils import formatdate
-from time import time
+from time import monotonic, time
 from typing import Any
 
 import pytest
 import scrapy
 from scrapy.http import Response
 from scrapy.settings import Settings
+from scrapy.utils.test import get_crawler
 
 from scrapy_polite import PoliteSettingError
-from scrapy_polite.delays import DelayConfig, DelayRange
+from scrapy_polite.delays import DelayConfig, DelayRange, _DomainPace
 from scrapy_polite.testing.crawl import crawl
 from scrapy_polite.testing.site import Reply, Site
 
@@ -406,3 +407,30 @@ def test_a_429_is_retried_up_to_the_larger_of_backoff_retries_and_retry_times(
     assert result.stat("retry/count", 0) == max(0, scrapy - polite)
     assert result.stat("polite/delay/retry/max_reached") >= 1
     assert [i["status"] for i in result.items] == [429]  # given up, handed to the spider
+
+
+# -- bounded memory -------------------------------------------------------------------------
+def test_a_domain_is_forgotten_only_when_forgetting_it_loses_nothing():
+    stats = get_crawler(scrapy.Spider, {}).stats
+    assert stats is not None
+
+    def pace() -> _DomainPace:
+        return _DomainPace("a.example", DelayRange(0.2, 0.4), 1.0, random.Random(1), stats)
+
+    now = monotonic()
+    quiet = pace()
+    quiet.last_start = quiet.last_departure = now - 2  # longer ago than the cap (1 s)
+    assert quiet.idle(now)
+    recent = pace()
+    recent.last_start = now - 0.5  # a new pace could send its next request too soon
+    assert not recent.idle(now)
+    for learnt in ("backoff", "crawl_delay"):
+        kept = pace()
+        setattr(kept, learnt, 2.0)  # a back-off or a Crawl-delay would be forgotten
+        assert not kept.idle(now), learnt
+    held = pace()
+    held.hold_until = now + 5  # a Retry-After still running
+    assert not held.idle(now)
+    opening = pace()
+    opening.opening = now - 3  # its first download is still out
+    assert not opening.idle(now)

@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 import scrapy
+from scrapy import Request
 from scrapy.http import Response
 from scrapy.settings import Settings
+from scrapy.utils.test import get_crawler
 
 from scrapy_polite import PoliteSettingError
 from scrapy_polite._robots_rules import MAX_SIZE
-from scrapy_polite.robots import RobotsConfig, sitemaps_found
+from scrapy_polite.robots import PoliteRobotsTxtMiddleware, RobotsConfig, _State, sitemaps_found
 from scrapy_polite.testing.crawl import CrawlResult, crawl, finish_crawl, start_crawl
 from scrapy_polite.testing.redis_server import RedisServer
 from scrapy_polite.testing.site import Hit, Reply, Site
@@ -25,6 +27,7 @@ from tests.test_robots_rules import GROUPS
 
 SPIDER = "tests.test_robots.RobotsSpider"
 OBEY = {"ADDONS": {"scrapy_polite.Addon": 100}, "ROBOTSTXT_OBEY": True}
+HTML = [("Content-Type", "text/html")]
 UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"  # scrapy_polite.testing.crawl's USER_AGENT
 
 
@@ -601,3 +604,40 @@ def test_an_unreachable_redis_falls_back_to_memory_with_one_warning(
     assert _paths(site.hits(rules)) == {"/p/0", "/p/2", "/p/3"}
     assert len(site.page_hits(other)) == 4
     assert [len(_robots(site.hits(h))) for h in (rules, other)] == [1, 1]
+
+
+# -- bounded memory -------------------------------------------------------------------------
+def test_past_the_origin_limit_the_least_recently_used_idle_origin_is_forgotten():
+    crawler = get_crawler(
+        scrapy.Spider, {**OBEY, "USER_AGENT": "PoliteTestBot/1.0", "POLITE_ROBOTS_MAX_ORIGINS": 10}
+    )
+    middleware = PoliteRobotsTxtMiddleware.from_crawler(crawler)
+    origins = [middleware._origin(Request(f"http://127.0.1.{i}/p")) for i in range(1, 11)]
+    assert all(o is not None for o in origins)
+    for origin in origins:
+        assert origin is not None
+        origin.used_at -= 10  # unused for 10 s
+    fetching = origins[0]
+    assert fetching is not None
+    fetching.state = _State.FETCHING  # being loaded: never forgotten
+    again = middleware._origin(Request("http://127.0.1.2/q"))  # now the most recent
+    assert again is origins[1]
+    middleware._origin(Request("http://127.0.1.11/p"))  # one too many
+    kept = set(middleware._origins)
+    assert len(kept) == 10
+    assert "http://127.0.1.1:80" in kept  # fetching
+    assert "http://127.0.1.2:80" in kept  # used just now
+    assert "http://127.0.1.3:80" not in kept  # the least recently used idle one
+    assert crawler.stats.get_value("polite/robots/evicted") == 1
+    # Its next request starts from nothing: robots.txt is read again, never assumed.
+    back = middleware._origin(Request("http://127.0.1.3/p"))
+    assert back is not None
+    assert back.state is _State.UNKNOWN
+    assert back.rules is None
+    assert crawler.stats.get_value("polite/robots/evicted") == 2  # and one more for it
+    # Origins used in the last seconds are kept even past the limit.
+    for key in list(middleware._origins):
+        middleware._origin(Request(key + "/again"))
+    middleware._origin(Request("http://127.0.1.12/p"))
+    assert len(middleware._origins) == 11
+    assert crawler.stats.get_value("polite/robots/evicted") == 2

@@ -24,7 +24,7 @@ from scrapy_polite.cluster import ClusterConfig, cluster_enabled
 from scrapy_polite.delays import DelayConfig, DelayRange, PoliteDelayMiddleware
 from scrapy_polite.httpcache import HttpCacheConfig, RedisCacheStorage
 from scrapy_polite.process import ProcessConfig, ProcessPipeline
-from scrapy_polite.report import PolitenessReport, report_enabled
+from scrapy_polite.report import PolitenessReport, ledger, report_enabled
 from scrapy_polite.robots import PoliteRobotsTxtMiddleware, RobotsConfig
 
 UA = "PoliteTestBot/1.0 (+https://example.invalid/bot)"
@@ -145,6 +145,14 @@ STRING_FORMS: list[tuple[str, str, Callable[[dict[str, Any]], Any], Any]] = [
     ("POLITE_PROCESS_START_METHOD", "spawn", lambda s: _process(s).start_method, "spawn"),
     ("POLITE_PROCESS_RETRIES", "0", lambda s: _process(s).retries, 0),
     ("POLITE_PROCESS_TIMEOUT", "2.5", lambda s: _process(s).timeout, 2.5),
+    ("POLITE_DELAY_MAX_DOMAINS", "500", lambda s: _delays(s).max_domains, 500),
+    ("POLITE_ROBOTS_MAX_ORIGINS", "500", lambda s: _robots(s).max_origins, 500),
+    (
+        "POLITE_REPORT_MAX_DOMAINS",
+        "500",
+        lambda s: ledger(get_crawler(Spider, {**BASE, **s})).max_domains,
+        500,
+    ),
     (
         "POLITE_REPORT_ENABLED",
         "False",
@@ -302,6 +310,9 @@ WRONG_TYPES: list[tuple[str, Any]] = [
     ("POLITE_CLUSTER", "perhaps"),
     ("POLITE_CLUSTER_REDIS_URL", 9),
     ("POLITE_CLUSTER_LEASE", "long"),
+    ("POLITE_DELAY_MAX_DOMAINS", "many"),
+    ("POLITE_ROBOTS_MAX_ORIGINS", 2.5),
+    ("POLITE_REPORT_MAX_DOMAINS", [100]),
 ]
 
 EVERYTHING = {
