@@ -1,7 +1,10 @@
-"""Where should a CPU-bound item step run: inline, in threads, in ``async def``, or in processes?
+"""Where should an item step run: inline, in threads, in ``async def``, or in processes?
 
-Crawls local pages (the test site, 4 hosts) and runs a pure-Python step of about
-10 ms per item (a loop that holds the GIL), placed in turn:
+Crawls local pages (the test site, 4 hosts) and runs, with ``--step cpu`` (the
+default), a pure-Python step of about 10 ms per item (a loop that holds the
+GIL), or with ``--step io`` a step that waits about 20 ms (``--ms``) on a local
+server per item, as a pipeline writing to a database or calling an HTTP API
+does (a blocking ``urllib`` call; in ``async``, an asyncio client). Placed in turn:
 
 - ``none``: no step at all, the crawl's own ceiling (for reference);
 - ``inline``: a plain ``process_item`` (the baseline of every ratio);
@@ -15,7 +18,7 @@ start-up is left out; the whole crawl's wall time is shown too), the ratio to
 and worst), measured inside the crawl. The variants run in alternating rounds,
 in one run; the table shows each one's median round.
 
-    python bench/bench_process.py [--items 400] [--rounds 3] [--ms 10]
+    python bench/bench_process.py [--step cpu|io] [--items 400] [--rounds 3] [--ms 10]
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from scrapy.utils.defer import maybe_deferred_to_future
 
 from scrapy_polite.process import available_cores
 from scrapy_polite.testing.crawl import crawl
-from scrapy_polite.testing.site import HOSTS, Site
+from scrapy_polite.testing.site import HOSTS, Reply, Site
 from tests.test_process import CrawlProbe
 
 LOOPS_ENV = "BENCH_PROCESS_LOOPS"  # set by the bench; inherited by crawls and their workers
+STEP_ENV = "BENCH_PROCESS_STEP"  # "cpu" or "io"
+IO_URL_ENV = "BENCH_PROCESS_IO_URL"  # the slow local page the io step waits on
 
 
 # -- the step, and the pipelines that run it ----------------------------------------------
@@ -46,21 +51,50 @@ def cpu_step(fields: dict[str, Any]) -> dict[str, Any]:
     return {**fields, "digest": acc}
 
 
+def io_step(fields: dict[str, Any]) -> dict[str, Any]:
+    """A blocking call to a local server that answers after about 20 ms."""
+    import urllib.request
+
+    with urllib.request.urlopen(os.environ[IO_URL_ENV], timeout=30) as answer:
+        return {**fields, "answer": len(answer.read())}
+
+
+async def io_step_async(fields: dict[str, Any]) -> dict[str, Any]:
+    """:func:`io_step` with an asyncio client (on the asyncio reactor's loop)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ[IO_URL_ENV])
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(f"GET {url.path} HTTP/1.0\r\nHost: {url.netloc}\r\n\r\n".encode())
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return {**fields, "answer": len(answer)}
+
+
+def step(fields: dict[str, Any]) -> dict[str, Any]:
+    """The bench's step: :func:`cpu_step` or :func:`io_step` (``--step``)."""
+    return io_step(fields) if os.environ.get(STEP_ENV) == "io" else cpu_step(fields)
+
+
 class InlinePipeline:
     def process_item(self, item: Any, spider: Any = None) -> Any:
-        return cpu_step(item)
+        return step(item)
 
 
 class ThreadPipeline:
     async def process_item(self, item: Any, spider: Any = None) -> Any:
         from twisted.internet.threads import deferToThread
 
-        return await maybe_deferred_to_future(deferToThread(cpu_step, item))
+        return await maybe_deferred_to_future(deferToThread(step, item))
 
 
 class AsyncPipeline:
     async def process_item(self, item: Any, spider: Any = None) -> Any:
-        return cpu_step(item)
+        if os.environ.get(STEP_ENV) == "io":
+            return await io_step_async(item)
+        return step(item)
 
 
 class BenchProbe(CrawlProbe):
@@ -94,7 +128,7 @@ def variants(cores: int) -> dict[str, dict[str, Any]]:
     here = "bench.bench_process"
     process = {
         "ITEM_PIPELINES": {"scrapy_polite.process.ProcessPipeline": 1000},
-        "POLITE_PROCESS_FUNCTION": f"{here}.cpu_step",
+        "POLITE_PROCESS_FUNCTION": f"{here}.step",
     }
     return {
         "none": {},
@@ -132,19 +166,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ms", type=float, default=10.0, help="CPU time per item, in ms")
+    parser.add_argument("--step", choices=("cpu", "io"), default="cpu")
+    parser.add_argument(
+        "--ms", type=float, default=None, help="per item: CPU time (10), or the wait (20)"
+    )
     args = parser.parse_args()
+    ms = args.ms if args.ms is not None else (10.0 if args.step == "cpu" else 20.0)
 
     cores = available_cores()
-    loops = calibrate(args.ms)
+    os.environ[STEP_ENV] = args.step
+    loops = calibrate(ms)
     hosts = HOSTS[:4]
     per_host = -(-args.items // len(hosts))
+    kind = f"a {ms:g} ms CPU step ({loops} loops)" if args.step == "cpu" else f"a {ms:g} ms wait"
     print(
-        f"{args.items} items from {len(hosts)} hosts, a {args.ms:g} ms step ({loops} loops), "
+        f"{args.items} items from {len(hosts)} hosts, {kind}, "
         f"{cores} cores, {args.rounds} rounds; load average {_load()}"
     )
     measured: dict[str, list[dict[str, float]]] = {}
     with Site(hosts, pages=per_host) as site:
+        site.route(hosts[0], "/slow", Reply(200, b"ok", delay=ms / 1000))
+        os.environ[IO_URL_ENV] = site.url(hosts[0], "/slow")
         urls = [site.url(h, f"/p/{i}") for i in range(per_host) for h in hosts][: args.items]
         names = list(variants(cores))
         for round_ in range(args.rounds):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from scrapy import Spider
 from scrapy.utils.test import get_crawler
 
 from scrapy_polite.report import PolitenessReport, cluster_report, format_table, report_enabled
-from scrapy_polite.testing.crawl import crawl, finish_crawl, start_crawl
+from scrapy_polite.testing.crawl import CrawlResult, crawl, finish_crawl, start_crawl
 from scrapy_polite.testing.redis_server import RedisServer
-from scrapy_polite.testing.site import Reply, Site
+from scrapy_polite.testing.site import Hit, Reply, Site
 
 ADDON = {"ADDONS": {"scrapy_polite.Addon": 100}}
 PAGES_SPIDER = "tests.spiders.PagesSpider"
@@ -46,9 +49,39 @@ def _crawl_three_hosts(site: Site, tmp_path: Path, **extra):
     return crawl(PAGES_SPIDER, settings, args={"urls": json.dumps(urls)})
 
 
-def test_the_json_report_counts_per_domain_what_the_site_saw(site: Site, tmp_path: Path):
+@dataclass
+class ThreeHosts:
+    site: Site
+    hits: dict[str, list[Hit]]
+    result: CrawlResult
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def three_hosts(_site_session: Site, tmp_path_factory: pytest.TempPathFactory) -> ThreeHosts:
+    """One crawl for the tests of the JSON and HTML reports."""
+    site = _site_session
+    site.reset()
+    out = tmp_path_factory.mktemp("report")
+    result = _crawl_three_hosts(site, out)
+    crawled = ThreeHosts(site, {h: site.hits(h) for h in site.hosts[:3]}, result, out)
+    site.reset()
+    return crawled
+
+
+def _gaps(hits: list[Hit]) -> list[float]:
+    times = sorted(h.time for h in hits)
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_the_json_report_counts_per_domain_what_the_site_saw(three_hosts: ThreeHosts):
+    site, hits, result, tmp_path = (
+        three_hosts.site,
+        three_hosts.hits,
+        three_hosts.result,
+        three_hosts.out,
+    )
     polite, plain, limited = site.hosts[:3]
-    result = _crawl_three_hosts(site, tmp_path)
     report = json.loads((tmp_path / "pages.json").read_text())
     domains = report["domains"]
     assert set(domains) == {polite, plain, limited}
@@ -57,11 +90,11 @@ def test_the_json_report_counts_per_domain_what_the_site_saw(site: Site, tmp_pat
     for host in (polite, plain, limited):
         entry = domains[host]
         # Requests and answers are the site's own count, robots.txt included.
-        assert entry["requests"] == len(site.hits(host)), host
-        assert sum(entry["responses"].values()) == len(site.hits(host)), host
+        assert entry["requests"] == len(hits[host]), host
+        assert sum(entry["responses"].values()) == len(hits[host]), host
         # The shortest gap is the floor as the crawler kept it, and as the site saw it.
         assert entry["gap_min"] >= 0.2 - 0.005, host
-        assert abs(entry["gap_min"] - min(site.gaps(host))) < 0.05, host
+        assert abs(entry["gap_min"] - min(_gaps(hits[host]))) < 0.05, host
         assert entry["gap_min"] <= entry["gap_median"]
         assert entry["gap_min"] <= entry["gap_mean"]
         assert entry["configured_per_minute"] == 300.0  # one request per 0.2 s
@@ -86,10 +119,10 @@ def test_the_json_report_counts_per_domain_what_the_site_saw(site: Site, tmp_pat
 
 
 def test_the_html_report_is_one_self_contained_page_with_a_chart_per_domain(
-    site: Site, tmp_path: Path
+    three_hosts: ThreeHosts,
 ):
-    _crawl_three_hosts(site, tmp_path)
-    page = (tmp_path / "report.html").read_text()
+    site = three_hosts.site
+    page = (three_hosts.out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>")
     assert page.count("<svg") == 3
     assert page.count("<circle") >= 3  # a dot per gap
