@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from scrapy.utils.defer import maybe_deferred_to_future
 
 from scrapy_polite.process import available_cores
+from scrapy_polite.testing import free_port
 from scrapy_polite.testing.crawl import crawl
-from scrapy_polite.testing.site import HOSTS, Reply, Site
+from scrapy_polite.testing.site import HOSTS, Site
 from tests.test_process import CrawlProbe
 
 LOOPS_ENV = "BENCH_PROCESS_LOOPS"  # set by the bench; inherited by crawls and their workers
@@ -60,17 +63,16 @@ def io_step(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 async def io_step_async(fields: dict[str, Any]) -> dict[str, Any]:
-    """:func:`io_step` with an asyncio client (on the asyncio reactor's loop)."""
-    import asyncio
-    from urllib.parse import urlsplit
+    """:func:`io_step` with an async client: Twisted's ``Agent``, on the crawl's reactor."""
+    from twisted.internet import reactor
+    from twisted.web.client import Agent, readBody
 
-    url = urlsplit(os.environ[IO_URL_ENV])
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    writer.write(f"GET {url.path} HTTP/1.0\r\nHost: {url.netloc}\r\n\r\n".encode())
-    await writer.drain()
-    answer = await reader.read()
-    writer.close()
-    return {**fields, "answer": len(answer)}
+    agent = Agent(reactor)
+    response = await maybe_deferred_to_future(
+        agent.request(b"GET", os.environ[IO_URL_ENV].encode())
+    )
+    body = await maybe_deferred_to_future(readBody(response))
+    return {**fields, "answer": len(body)}
 
 
 def step(fields: dict[str, Any]) -> dict[str, Any]:
@@ -184,9 +186,12 @@ def main() -> None:
         f"{cores} cores, {args.rounds} rounds; load average {_load()}"
     )
     measured: dict[str, list[dict[str, float]]] = {}
+    slow_port = free_port()
+    slow = multiprocessing.get_context("spawn").Process(target=_serve_slow, args=(slow_port, ms))
+    slow.start()
+    os.environ[IO_URL_ENV] = f"http://127.0.0.1:{slow_port}/slow"
+    time.sleep(1)
     with Site(hosts, pages=per_host) as site:
-        site.route(hosts[0], "/slow", Reply(200, b"ok", delay=ms / 1000))
-        os.environ[IO_URL_ENV] = site.url(hosts[0], "/slow")
         urls = [site.url(h, f"/p/{i}") for i in range(per_host) for h in hosts][: args.items]
         names = list(variants(cores))
         for round_ in range(args.rounds):
@@ -215,7 +220,31 @@ def main() -> None:
             f"{statistics.median(r['lag_max'] for r in runs):>11.1f}   "
             + " ".join(f"{r['rate']:.0f}" for r in runs)
         )
+    slow.terminate()
     print(f"\nload average at the end {_load()} (the machine is shared: figures are under load)")
+
+
+class _SlowHandler(BaseHTTPRequestHandler):
+    """Answers every request after the wait, then closes (HTTP/1.0)."""
+
+    wait = 0.02
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        time.sleep(self.wait)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+
+def _serve_slow(port: int, ms: float) -> None:
+    _SlowHandler.wait = ms / 1000
+    server = ThreadingHTTPServer(("127.0.0.1", port), _SlowHandler)
+    server.daemon_threads = True
+    server.serve_forever()
 
 
 def _load() -> str:
