@@ -11,7 +11,8 @@ per host (``CONCURRENT_REQUESTS_PER_DOMAIN = 16``, as many as
 ``CONCURRENT_REQUESTS``), so that the per-host limit never binds and the figure is
 the bundle's cost, not stock Scrapy's per-host concurrency leak on the asyncio
 reactor. Prints pages/s, the ratio bundle / stock, the crawl process's peak RSS,
-and its CPU per page (the worker processes' CPU is not in it).
+and the CPU per page of the crawl process and the processes it waited for (the
+worker pool's included, with their start-up).
 """
 
 from __future__ import annotations

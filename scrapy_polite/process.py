@@ -77,6 +77,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 START_METHODS = ("forkserver", "spawn", "fork")
+# Items in the pool per worker, by default. Each hand-off between the reactor and the
+# executor's threads can wait for the GIL (up to its 5 ms switch interval), so a fast
+# function needs many items in flight to keep the workers busy: with 2 per worker, the
+# bundle benchmark ran at 116 pages/s, with 16 per worker at 205 (stock Scrapy: 267).
+_IN_FLIGHT_PER_WORKER = 16
 ON_ERROR = ("drop", "keep")
 
 
@@ -114,7 +119,9 @@ class ProcessConfig:
         return cls(
             function=_function_path(settings.get("POLITE_PROCESS_FUNCTION")),
             workers=workers,
-            max_in_flight=get_int(settings, "POLITE_PROCESS_MAX_IN_FLIGHT", 2 * workers, minimum=1),
+            max_in_flight=get_int(
+                settings, "POLITE_PROCESS_MAX_IN_FLIGHT", _IN_FLIGHT_PER_WORKER * workers, minimum=1
+            ),
             start_method=get_choice(
                 settings, "POLITE_PROCESS_START_METHOD", default_start_method(), methods
             ),

@@ -231,7 +231,7 @@ def test_items_come_back_with_what_the_function_computed_in_a_worker(site: Site,
     assert len({item["pid"] for item in result.items}) <= 2
     assert result.stat("polite/process/items") == result.stat("polite/process/processed") == 24
     assert 0 < result.stat("polite/process/time") < 24  # seconds spent in the function
-    assert result.stat("polite/process/in_flight_max") <= 4  # 2 workers x 2
+    assert result.stat("polite/process/in_flight_max") <= 32  # 2 workers x 16
     # The spider closed after the last item had been computed.
     assert result.stat("probe/closed_at") >= max(item["done_at"] for item in result.items)
     assert "process pipeline on (tests.test_process.work)" in result.log
@@ -544,7 +544,7 @@ def test_defaults_use_every_core_and_a_start_method_safe_with_threads():
     config = ProcessConfig.from_settings(Settings({"POLITE_PROCESS_FUNCTION": WORK}))
     assert config.function == WORK
     assert config.workers == available_cores() == len(os.sched_getaffinity(0))
-    assert config.max_in_flight == 2 * config.workers
+    assert config.max_in_flight == 16 * config.workers
     assert config.start_method == "forkserver"
     assert (config.retries, config.on_error) == (2, "drop")
 
