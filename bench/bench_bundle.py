@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 from typing import Any
 
+from bench.bench_delays import children_cpu
 from scrapy_polite.testing.crawl import crawl
 from scrapy_polite.testing.redis_server import RedisServer
 from scrapy_polite.testing.site import HOSTS, Site
@@ -87,10 +87,10 @@ def _bundle(redis_server: RedisServer, round_: int) -> dict[str, Any]:
 
 
 def _crawl(urls: list[str], settings: dict[str, Any]) -> dict[str, float]:
-    before = _children_cpu()
+    before = children_cpu()
     args = {"urls": json.dumps(urls)}
     result = crawl("tests.spiders.PagesSpider", settings, args=args, timeout=900)
-    cpu = _children_cpu() - before
+    cpu = children_cpu() - before
     if len(result.items) != len(urls):
         raise SystemExit(f"crawl got {len(result.items)} of {len(urls)} pages")
     return {
@@ -119,11 +119,6 @@ def _report(figures: dict[str, list[dict[str, float]]], args: argparse.Namespace
             f"  bundle / stock, {what:<12} {statistics.median(values):.3f} "
             f"(rounds {min(values):.3f}-{max(values):.3f})"
         )
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _load() -> str:

@@ -57,9 +57,9 @@ def overhead(site: Site, pages: int, rounds: int) -> None:
         order = list(variants) if round_ % 2 == 0 else list(reversed(variants))
         for name in order:
             site.reset()
-            before = _children_cpu()
+            before = children_cpu()
             stats = _run(urls, variants[name])
-            cpu[name].append((_children_cpu() - before) / len(urls) * 1e6)
+            cpu[name].append((children_cpu() - before) / len(urls) * 1e6)
             speed = len(urls) / float(stats["elapsed_time_seconds"])
             speeds[name].append(speed)
             print(
@@ -81,7 +81,7 @@ def overhead(site: Site, pages: int, rounds: int) -> None:
     )
 
 
-def _children_cpu() -> float:
+def children_cpu() -> float:
     """CPU seconds used so far by finished child processes (the crawls)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime

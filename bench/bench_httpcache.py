@@ -22,7 +22,7 @@ Beside each throughput ratio it prints the ratio of the crawl process's own CPU
 per page (Redis's and the site's CPU are not in it), which a noisy neighbour
 disturbs less.
 
-Usage: ``python bench/bench_httpcache.py [--rounds 5] [--pages 2000]``
+Usage: ``python -m bench.bench_httpcache [--rounds 5] [--pages 2000]``
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -43,6 +42,7 @@ from scrapy.extensions.httpcache import FilesystemCacheStorage
 from scrapy.http import HtmlResponse, Request
 from scrapy.utils.test import get_crawler
 
+from bench.bench_delays import children_cpu
 from scrapy_polite.httpcache import RedisCacheStorage, cache_usage
 from scrapy_polite.testing.crawl import crawl
 from scrapy_polite.testing.proxy import DelayProxy
@@ -144,9 +144,9 @@ def _crawls(
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            before = _children_cpu()
+            before = children_cpu()
             results[name].append(variants[name]())
-            cpu[name].append((_children_cpu() - before) / len(urls) * 1e6)
+            cpu[name].append((children_cpu() - before) / len(urls) * 1e6)
         print(
             f"round {r + 1}/{rounds}: "
             + ", ".join(f"{n} {results[n][-1]:.0f} ({cpu[n][-1]:.0f} µs)" for n in names)
@@ -154,12 +154,6 @@ def _crawls(
             flush=True,
         )
     return results, cpu
-
-
-def _children_cpu() -> float:
-    """CPU seconds used so far by finished child processes (the crawls)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _crawl(urls: list[str], settings: dict, *, cached: bool = False) -> float:

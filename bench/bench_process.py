@@ -18,7 +18,7 @@ start-up is left out; the whole crawl's wall time is shown too), the ratio to
 and worst), measured inside the crawl. The variants run in alternating rounds,
 in one run; the table shows each one's median round.
 
-    python bench/bench_process.py [--step cpu|io] [--items 400] [--rounds 3] [--ms 10]
+    python -m bench.bench_process [--step cpu|io] [--items 400] [--rounds 3] [--ms 10]
 """
 
 from __future__ import annotations

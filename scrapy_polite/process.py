@@ -521,18 +521,12 @@ class _WorkerPool:
             self.stats.inc_value("polite/process/retried")
             self._backlog.append(job)
             return
-        job.deaths += 1
-        if job.deaths > self.config.retries:
-            job.done.callback(
-                _failed(
-                    _WorkerDiedError(
-                        f"its worker process died each time it ran ({job.deaths} times alone; "
-                        f"POLITE_PROCESS_RETRIES = {self.config.retries})"
-                    )
-                )
-            )
+        if self._given_up(
+            job,
+            "its worker process died each time it ran ({deaths} times alone; "
+            "POLITE_PROCESS_RETRIES = {retries})",
+        ):
             return
-        self.stats.inc_value("polite/process/retried")
         logger.warning(
             "A worker process died running %s alone; started new workers (retry %d of %d)",
             job.label,
@@ -544,21 +538,26 @@ class _WorkerPool:
     def _over_time_again(self, job: _Job) -> None:
         """*job* ran over the timeout: the same count as a death while it ran alone."""
         job.overdue = False
-        job.deaths += 1
-        if job.deaths > self.config.retries:
-            job.done.callback(
-                _failed(
-                    _WorkerDiedError(
-                        f"it ran over POLITE_PROCESS_TIMEOUT ({self.config.timeout} s) or its "
-                        f"worker died, {job.deaths} times (POLITE_PROCESS_RETRIES = "
-                        f"{self.config.retries})"
-                    )
-                )
-            )
+        if self._given_up(
+            job,
+            f"it ran over POLITE_PROCESS_TIMEOUT ({self.config.timeout} s) or its worker "
+            "died, {deaths} times (POLITE_PROCESS_RETRIES = {retries})",
+        ):
             return
-        self.stats.inc_value("polite/process/retried")
         job.suspect = True  # runs again alone
         self._backlog.appendleft(job)
+
+    def _given_up(self, job: _Job, reason: str) -> bool:
+        """Count one death (or run over time) against *job*; past ``POLITE_PROCESS_RETRIES``
+        fail it with *reason* (``{deaths}``, ``{retries}`` filled in) and return True."""
+        job.deaths += 1
+        retries = self.config.retries
+        if job.deaths <= retries:
+            self.stats.inc_value("polite/process/retried")
+            return False
+        message = reason.format(deaths=job.deaths, retries=retries)
+        job.done.callback(_failed(_WorkerDiedError(message)))
+        return True
 
     def _restart(self, broken: ProcessPoolExecutor, *, explain: bool) -> None:
         if explain:
