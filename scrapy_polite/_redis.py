@@ -215,6 +215,7 @@ class RedisLink:
         self._aio: redis.asyncio.Redis | None = None  # awaited calls, asyncio reactor
         self._aio_own: redis.asyncio.Connection | None = None  # call_in_turn()'s
         self._aio_own_used = False  # has it answered since it last (re)connected?
+        self._pools_used = False  # have the awaited clients' pools answered since emptied?
         self._threaded: redis.Redis | None = None  # awaited calls, in threads, other reactors
         # GETs on the reactor thread go through one connection of their own,
         # without the pool's bookkeeping on every call (the cache's hot path).
@@ -321,18 +322,36 @@ class RedisLink:
             return self._answered(reply)
 
     async def call(self, component: str, *commands: Command) -> list[Any]:
-        """:meth:`blocking`, awaited without blocking the reactor."""
+        """:meth:`blocking`, awaited without blocking the reactor.
+
+        After Redis restarted, the pooled connections of the awaited clients are
+        all stale: the first one to fail empties the pools and the call is tried
+        once more, instead of counting each stale connection as a new outage.
+        """
         self._check(component, len(commands))
         from scrapy.utils.reactor import is_asyncio_reactor_installed
 
-        try:
-            if is_asyncio_reactor_installed():
-                replies = await self._call_asyncio(commands)
-            else:
-                replies = await self._call_in_thread(commands)
-        except (redis.RedisError, OSError) as exc:
-            raise self._failed(exc) from exc
-        return self._answered(replies)  # type: ignore[no-any-return]
+        asyncio_reactor = is_asyncio_reactor_installed()
+        while True:
+            try:
+                if asyncio_reactor:
+                    replies = await self._call_asyncio(commands)
+                else:
+                    replies = await self._call_in_thread(commands)
+            except (redis.RedisError, OSError) as exc:
+                retry, self._pools_used = self._pools_used, False
+                if retry and isinstance(exc, redis.ConnectionError):
+                    await self._empty_pools()
+                    continue
+                raise self._failed(exc) from exc
+            self._pools_used = True
+            return self._answered(replies)  # type: ignore[no-any-return]
+
+    async def _empty_pools(self) -> None:
+        if self._aio is not None:
+            await self._aio.connection_pool.disconnect()
+        if self._threaded is not None:
+            self._threaded.connection_pool.disconnect()
 
     async def call_in_turn(self, component: str, *commands: Command) -> list[Any]:
         """:meth:`call`, for a caller that never has two of these out at once (the
