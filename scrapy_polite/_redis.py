@@ -55,6 +55,7 @@ __all__ = [
     "Command",
     "RedisLink",
     "RedisUnavailable",
+    "command_redis_url",
     "domain_key",
     "redact",
     "redis_from_settings",
@@ -111,6 +112,22 @@ def _url_and_setting(settings: BaseSettings, override: str | None) -> tuple[str,
         port = settings.get("REDIS_PORT") or 6379
         return f"redis://{host}:{port}", "REDIS_HOST/REDIS_PORT"
     return None
+
+
+def command_redis_url(settings: BaseSettings, override: str, given: str | None) -> str:
+    """The Redis URL of a ``scrapy polite-*`` command: *given* (``--redis-url``), else
+    what the settings say; a :class:`~scrapy.exceptions.UsageError` naming them if none."""
+    from scrapy.exceptions import UsageError
+
+    if given:
+        settings.set(override, given, priority="cmdline")
+    url = redis_url(settings, override)
+    if url is None:
+        raise UsageError(
+            f"no Redis URL: pass --redis-url, or set {override}, POLITE_REDIS_URL or REDIS_URL",
+            print_help=False,
+        )
+    return url
 
 
 def verify_redis(settings: BaseSettings, override: str | None) -> None:

@@ -19,7 +19,7 @@ import redis
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from scrapy_polite._redis import RedisLink, redact, redis_url
+from scrapy_polite._redis import RedisLink, command_redis_url, redact
 from scrapy_polite._settings import get_str
 from scrapy_polite.httpcache import (
     DEFAULT_PREFIX,
@@ -66,15 +66,7 @@ class PoliteCacheCommand(ScrapyCommand):
         assert self.settings is not None
         if len(args) != 1 or args[0] not in ACTIONS:
             raise UsageError("say what to do: stats or clear", print_help=False)
-        if opts.redis_url:
-            self.settings.set(URL_SETTING, opts.redis_url, priority="cmdline")
-        url = redis_url(self.settings, URL_SETTING)
-        if url is None:
-            raise UsageError(
-                "no Redis URL: pass --redis-url, or set POLITE_HTTPCACHE_REDIS_URL, "
-                "POLITE_REDIS_URL or REDIS_URL",
-                print_help=False,
-            )
+        url = command_redis_url(self.settings, URL_SETTING, opts.redis_url)
         prefix = get_str(self.settings, "POLITE_HTTPCACHE_PREFIX", DEFAULT_PREFIX)
         assert prefix is not None
         link = RedisLink.standalone(self.settings, url)

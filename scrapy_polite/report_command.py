@@ -22,7 +22,7 @@ import redis
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
-from scrapy_polite._redis import RedisLink, redact, redis_url
+from scrapy_polite._redis import RedisLink, command_redis_url, redact
 from scrapy_polite.cluster import URL_SETTING
 from scrapy_polite.report import cluster_report, format_table, render_html, report_key
 
@@ -63,15 +63,7 @@ class PoliteReportCommand(ScrapyCommand):
         if len(args) != 1:
             raise UsageError("name the spider whose report to show", print_help=False)
         spider = args[0]
-        if opts.redis_url:
-            self.settings.set(URL_SETTING, opts.redis_url, priority="cmdline")
-        url = redis_url(self.settings, URL_SETTING)
-        if url is None:
-            raise UsageError(
-                "no Redis URL: pass --redis-url, or set POLITE_CLUSTER_REDIS_URL, "
-                "POLITE_REDIS_URL or REDIS_URL",
-                print_help=False,
-            )
+        url = command_redis_url(self.settings, URL_SETTING, opts.redis_url)
         link = RedisLink.standalone(self.settings, url)
         try:
             if opts.clear:
