@@ -15,6 +15,13 @@ so the delay middleware uses these. Each was checked against Scrapy 2.18.0 and
   (cancels ``Slot.latercall``, calls ``Downloader._process_queue``): a pace that
   learns a new departure time (an answer from the cluster's Redis) must wake
   the slot, which otherwise sleeps until the old time.
+- :func:`requests_in_progress` (reads ``ExecutionEngine._slot.inprogress``): the
+  cluster's queue ends a request's lease when the engine is done with it. The
+  engine adds every request it takes from the scheduler to that set before the
+  download and removes it only once the downloader's answer was handled: a
+  redirect or retry rescheduled, or the callback or errback run and everything
+  it produced scheduled; a middleware's ``IgnoreRequest`` (robots.txt, offsite)
+  and a cache hit end the same way. Scrapy sends no signal at that moment.
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from typing import TYPE_CHECKING, Protocol
 from scrapy.core.downloader import Slot
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from scrapy import Request
     from scrapy.core.downloader import Downloader
+    from scrapy.core.engine import ExecutionEngine
 
-__all__ = ["Pace", "PacedSlot", "has_slot", "install_slot"]
+__all__ = ["Pace", "PacedSlot", "has_slot", "install_slot", "requests_in_progress"]
 
 
 class Pace(Protocol):
@@ -120,3 +130,13 @@ def _wake(downloader: Downloader, slot: Slot) -> None:
             slot.latercall.cancel()
         slot.latercall = None
     downloader._process_queue(slot)
+
+
+def requests_in_progress(engine: ExecutionEngine | None) -> Collection[Request]:
+    """The requests the engine took from the scheduler and is not done with yet
+    (an empty collection once the engine has closed its slot)."""
+    slot = getattr(engine, "_slot", None)
+    if slot is None:
+        return ()
+    inprogress: Collection[Request] = slot.inprogress
+    return inprogress

@@ -47,6 +47,8 @@ PROCESS_PIPELINE = "scrapy_polite.process.ProcessPipeline"
 REPORT_EXTENSION = "scrapy_polite.report.PolitenessReport"
 CLUSTER_QUEUE = "scrapy_polite.cluster.DomainQueue"
 CLUSTER_SERIALIZER = "scrapy_polite.serializer"
+CLUSTER_DUPEFILTER = "scrapy_polite.cluster.DupeFilter"
+SCRAPY_REDIS_DUPEFILTER = "scrapy_redis.dupefilter.RFPDupeFilter"
 
 DELAY_PRIORITY = 950
 ROBOTS_PRIORITY = 100
@@ -116,6 +118,16 @@ class Addon:
         ):
             if (settings.getpriority(name) or 0) <= SETTINGS_PRIORITIES["default"]:
                 settings.set(name, value, priority="addon")
+        # scrapy-redis's dupefilter blocks the reactor up to 60 s per request when Redis
+        # hangs; ours is the same filter through the one Redis layer.
+        dupefilter = settings.get("DUPEFILTER_CLASS")
+        if (settings.getpriority("DUPEFILTER_CLASS") or 0) <= SETTINGS_PRIORITIES[
+            "default"
+        ] or dupefilter in (SCRAPY_REDIS_DUPEFILTER, _path_of(SCRAPY_REDIS_DUPEFILTER)):
+            priority = max(
+                settings.getpriority("DUPEFILTER_CLASS") or 0, SETTINGS_PRIORITIES["addon"]
+            )
+            settings.set("DUPEFILTER_CLASS", CLUSTER_DUPEFILTER, priority=priority)
         url = redis_url(settings, "POLITE_CLUSTER_REDIS_URL")
         return f"cluster mode on ({redact(url) if url else '?'}: shared pace, domain-aware queue)"
 
@@ -137,6 +149,14 @@ def _replace_middleware(settings: BaseSettings, scrapys: type, ours: str, priori
         "DOWNLOADER_MIDDLEWARES", load_object(ours), priority
     )
     return True
+
+
+def _path_of(path: str) -> object:
+    """The object at *path*, or *path* when it cannot be imported."""
+    try:
+        return load_object(path)
+    except (ImportError, AttributeError):
+        return path
 
 
 def _add_component(settings: BaseSettings, name: str, path: str, priority: int) -> None:

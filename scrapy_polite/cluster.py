@@ -41,16 +41,24 @@ would flush the others' queue).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import json
 import logging
 import os
 import socket
+import sys
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from time import monotonic
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from scrapy import signals
+from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.misc import load_object
 from scrapy.utils.request import request_from_dict
 
@@ -62,10 +70,12 @@ from scrapy_polite._redis import (
     redis_url,
     required_redis_url,
 )
+from scrapy_polite._scrapy_internals import requests_in_progress
 from scrapy_polite._settings import PoliteSettingError, get_float
-from scrapy_polite.robots import requests_held_at_close
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.settings import BaseSettings
@@ -271,14 +281,13 @@ class SharedPace:
     def __init__(self, crawler: Crawler, config: ClusterConfig) -> None:
         self.config = config
         self.worker = worker_id(crawler)
-        self.workers = 1  # live workers last seen, this one included
         self._link = RedisLink.open(
             crawler,
             config.url,
             COMPONENT,
             "each worker paces its domains alone, its gaps widened by the live workers",
         )
-        self._workers_key = workers_key(crawler.settings, crawler.spidercls.name)
+        self._heartbeat = Heartbeat.join(crawler, config)
         self._ttl_ms = int(max(3600.0, 10 * config.lease) * 1000)  # idle domains expire
         self._stats = crawler.stats
         self._latencies: deque[float] = deque(maxlen=100_000)  # of reservations, seconds
@@ -354,21 +363,14 @@ class SharedPace:
         """robots.txt's ``Crawl-delay``: a floor for every worker, from now on."""
         await self._script(_CRAWL_DELAY, domain, int(seconds * _US), self._ttl_ms)
 
-    async def heartbeat(self) -> int:
-        """Say this worker is alive; return how many are."""
-        lease_us = int(self.config.lease * _US)
-        (live,) = await self._link.call(
-            COMPONENT,
-            ("EVAL", _HEARTBEAT, 1, self._workers_key, self.worker, lease_us),
-        )
-        self.workers = max(1, int(live))
-        if self._stats is not None:
-            self._stats.max_value("polite/cluster/workers_max", self.workers)
-        return self.workers
+    @property
+    def workers(self) -> int:
+        """Live workers at the last heartbeat, this one included."""
+        return self._heartbeat.workers
 
     async def leave(self) -> None:
-        """This worker stops: count it out at once (expired; the queue puts back any lease)."""
-        await self._link.call(COMPONENT, ("ZADD", self._workers_key, "XX", 0, self.worker))
+        """This worker stops pacing (the heartbeat's last user counts it out)."""
+        await self._heartbeat.leave()
 
     def release(self) -> None:
         """Report the reservations' latency in stats, and give the Redis link back."""
@@ -390,25 +392,128 @@ class SharedPace:
         return reply
 
 
+# -- this worker's membership ------------------------------------------------------------
+
+_HEARTBEAT_ATTRIBUTE = "_scrapy_polite_heartbeat"
+
+
+class Heartbeat:
+    """This worker's entry in the crawl's workers set, renewed on a timer of its own.
+
+    One per crawler, shared by the shared pace and the queue (:meth:`join`).
+    It beats every ``heartbeat`` seconds whatever the engine does: a worker
+    whose downloader stays full, or that runs without the delay middleware, is
+    never taken for dead while it lives. Each beat also runs the *riders*
+    (the queue's acknowledgements and its look for dead workers' leases), so
+    they cost no round trip of their own per page.
+    """
+
+    def __init__(self, crawler: Crawler, config: ClusterConfig) -> None:
+        self.worker = worker_id(crawler)
+        self.workers = 1  # live workers last seen, this one included
+        self.interval = config.heartbeat
+        self._lease_us = int(config.lease * _US)
+        self._link = RedisLink.open(
+            crawler,
+            config.url,
+            COMPONENT,
+            "each worker paces its domains alone, its gaps widened by the live workers",
+        )
+        self._key = workers_key(crawler.settings, crawler.spidercls.name)
+        self._stats = crawler.stats
+        self._riders: list[Callable[[], Awaitable[None]]] = []
+        self._timer: Any = None
+        self._beating = False
+        self._users = 0
+        crawler.signals.connect(self._start, signal=signals.spider_opened)
+
+    @classmethod
+    def join(cls, crawler: Crawler, config: ClusterConfig) -> Heartbeat:
+        """The crawler's heartbeat; every :meth:`join` is matched by one :meth:`leave`."""
+        beat: Heartbeat | None = crawler.__dict__.get(_HEARTBEAT_ATTRIBUTE)
+        if beat is None:
+            beat = crawler.__dict__[_HEARTBEAT_ATTRIBUTE] = cls(crawler, config)
+        beat._users += 1
+        return beat
+
+    def ride(self, call: Callable[[], Awaitable[None]]) -> None:
+        """Run *call* after each beat (its :class:`RedisUnavailable` is the layer's to report)."""
+        self._riders.append(call)
+
+    async def beat(self) -> None:
+        """Say this worker is alive, learn how many are, then run the riders."""
+        if self._beating:  # a slow Redis: one beat at a time
+            return
+        self._beating = True
+        try:
+            with contextlib.suppress(RedisUnavailable):
+                (live,) = await self._link.call(
+                    COMPONENT, ("EVAL", _HEARTBEAT, 1, self._key, self.worker, self._lease_us)
+                )
+                if not isinstance(live, Exception):
+                    self.workers = max(1, int(live))
+                    if self._stats is not None:
+                        self._stats.max_value("polite/cluster/workers_max", self.workers)
+            for rider in self._riders:
+                with contextlib.suppress(RedisUnavailable):
+                    await rider()
+        finally:
+            self._beating = False
+
+    async def leave(self) -> None:
+        """One user is done; the last stops the timer and counts this worker out at once."""
+        self._users -= 1
+        if self._users > 0:
+            return
+        if self._timer is not None and self._timer.running:
+            self._timer.stop()
+        with contextlib.suppress(RedisUnavailable):
+            await self._link.call(COMPONENT, ("ZADD", self._key, "XX", 0, self.worker))
+        self._link.release()
+
+    def _start(self, spider: Spider | None = None) -> None:
+        from twisted.internet.task import LoopingCall
+
+        def beat_now() -> None:
+            deferred_from_coro(self.beat()).addErrback(
+                lambda failure: logger.error("Heartbeat failed", exc_info=failure.value)
+            )
+
+        self._timer = LoopingCall(beat_now)
+        self._timer.start(self.interval, now=True)
+
+
 # -- the domain-aware queue -------------------------------------------------------------
 
+# KEYS: domains, queue, pace, size; ARGV: score, member, domain, hint (us), pace ttl (ms).
+# Every member is unique (a prefix of time and worker), so each push counts once.
 _PUSH = (
     _NOW
     + """
 if redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2]) == 1 then redis.call('INCR', KEYS[4]) end
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3])
-if tonumber(ARGV[4]) > 0 then redis.call('HSET', KEYS[3], 'hint', ARGV[4]) end
+if tonumber(ARGV[4]) > 0 then
+  redis.call('HSET', KEYS[3], 'hint', ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+end
 return 1
 """
 )
+# Acknowledgements first: a lease is counted out of the size only if it is still held
+# (a lease requeued meanwhile is not counted twice). Under OOM or READONLY, Redis
+# refuses a script at its first write, before it changed anything.
+_ACK_ARGS = """
+local done = 0
+for i = FIRST_ACK, #ARGV do done = done + redis.call('HDEL', KEYS[LEASED], ARGV[i]) end
+if done > 0 then redis.call('DECRBY', KEYS[SIZE], done) end
+"""
 # KEYS: domains, leased hash, workers, lease counter, size; ARGV: queue key, worker,
-# lease (us), horizon (us), acked lease ids...
+# lease (us), horizon (us), acked lease ids... Returns {id, member, domain}, or
+# {-1, wait (us) or -1} when no domain is ready.
 _POP = (
     _NOW
+    + _ACK_ARGS.replace("FIRST_ACK", "5").replace("LEASED", "2").replace("SIZE", "5")
     + """
-local done = 0
-for i = 5, #ARGV do done = done + redis.call('HDEL', KEYS[2], ARGV[i]) end
-if done > 0 then redis.call('DECRBY', KEYS[5], done) end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[2])
 for _ = 1, 8 do
   local ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
@@ -432,20 +537,19 @@ for _ = 1, 8 do
     if redis.call('ZCARD', q) == 0 then redis.call('ZREM', KEYS[1], d)
     else redis.call('ZADD', KEYS[1], at, d) end
     local id = redis.call('INCR', KEYS[4])
-    redis.call('HSET', KEYS[2], id, d .. '\\n' .. item[2] .. '\\n' .. item[1])
-    return {id, item[1]}
+    redis.call('HSET', KEYS[2], id, cmsgpack.pack(d, item[2], item[1]))
+    return {id, item[1], d}
   end
 end
 return {-1, 0}
 """
 )
-_ACK = """
-local done = 0
-for i = 1, #ARGV do done = done + redis.call('HDEL', KEYS[1], ARGV[i]) end
-if done > 0 then redis.call('DECRBY', KEYS[2], done) end
-return done
-"""
+# KEYS: leased hash, size; ARGV: lease ids.
+_ACK = _ACK_ARGS.replace("FIRST_ACK", "1").replace("LEASED", "1").replace("SIZE", "2") + (
+    "return done\n"
+)
 # Put every lease of the workers in ARGV (or those whose heartbeat expired) back.
+# KEYS: domains, workers, leased prefix, size; ARGV: queue key, workers...
 _REQUEUE = (
     _NOW
     + """
@@ -459,12 +563,9 @@ for _, w in ipairs(workers) do
   local leased = KEYS[3] .. w
   local all = redis.call('HGETALL', leased)
   for i = 2, #all, 2 do
-    local v = all[i]
-    local a = string.find(v, '\\n', 1, true)
-    local b = string.find(v, '\\n', a + 1, true)
-    local d = string.sub(v, 1, a - 1)
+    local d, score, member = cmsgpack.unpack(all[i])
     local q = 'polite:{' .. d .. '}:queue:' .. ARGV[1]
-    redis.call('ZADD', q, string.sub(v, a + 1, b - 1), string.sub(v, b + 1))
+    if redis.call('ZADD', q, score, member) == 0 then redis.call('DECR', KEYS[4]) end
     redis.call('ZADD', KEYS[1], 'NX', now, d)
     moved = moved + 1
   end
@@ -482,6 +583,12 @@ _STARTUP_GRACE = 3.0
 # When nothing is ready, a worker asks Redis again after at most this long (another
 # worker may push meanwhile); its own pushes end the wait at once.
 _QUIET = 0.2
+# Pushes Redis refused (OOM, READONLY) are tried again after this long, doubling.
+_REFUSED_RETRY = (0.1, 5.0)
+# Entries a pop may quarantine before it gives the engine an answer.
+_POP_TRIES = 8
+# What ends a queue member's unique prefix ("<time><tag>.<n>|"): the stored request follows.
+_MEMBER_SEPARATOR = b"|"
 
 
 class DomainQueue:
@@ -493,10 +600,27 @@ class DomainQueue:
     trip each, bounded by ``POLITE_REDIS_TIMEOUT``); it talks to Redis through
     the crawler's Redis layer rather than scrapy-redis's ``server``, so an
     outage is one warning and a retry window, never an exception in the engine.
-    Requests of one domain come out by priority. A request handed out is
-    leased to this worker until it leaves the downloader; the acknowledgements
-    ride on the next ``pop``. While Redis is away, pushed requests wait in this
-    worker and are written when it answers again: none is lost.
+    Requests of one domain come out by priority, then in the order pushed.
+
+    **Leases.** A request handed out is leased to this worker until the engine
+    is done with it (:func:`~scrapy_polite._scrapy_internals.requests_in_progress`):
+    downloaded and its callback or errback finished, with every request it
+    produced already pushed; or answered by the cache, forbidden by robots.txt,
+    dropped by any middleware, failed after its retries, or sent back to the
+    scheduler (a redirect, a retry: pushed before the old lease ends). That is
+    the one place every request taken from the scheduler passes at the end of
+    its life in this worker, whatever way it ends. The acknowledgements ride
+    on calls the queue makes anyway: the next ``pop``, the size read of
+    ``__len__`` and the heartbeat; never before the pushes waiting before them.
+
+    **Nothing read runs.** An entry is built into a request only if it decodes
+    to a request of a ``Request`` subclass already imported, with callbacks
+    that are methods of the spider's class; anything else is moved to the
+    dead-letter list ``<key>:dead`` (``scrapy polite-queue``), its lease ended.
+
+    **Nothing pushed is lost.** A push Redis cannot take (unreachable, or an
+    error reply such as OOM or READONLY) waits in this worker and is tried
+    again with back-off; the worker does not close while it holds one.
     """
 
     def __init__(self, server: Any, spider: Spider, key: str, serializer: Any = None) -> None:
@@ -506,90 +630,141 @@ class DomainQueue:
         self.serializer = serializer or load_object("scrapy_polite.serializer")
         self.config = ClusterConfig.from_settings(crawler.settings)
         self.worker = worker_id(crawler)
+        self.dead_key = dead_letter_key(key)
         self._link = RedisLink.open(
             crawler, self.config.url, QUEUE, "requests wait in each worker, and go out later"
         )
+        self._crawler = crawler
         self._domains = f"{key}:domains"
         self._workers = workers_key(crawler.settings, spider.name)
         self._size = f"{key}:size"
         self._leased_prefix = f"{key}:leased:"
         self._counter = f"{key}:lease-id"
-        self._acked: list[int] = []
-        self._unsent: list[Command] = []  # pushes that waited out an outage
+        self._tag = uuid.uuid4().hex[:8]  # this worker's part of each member's prefix
+        self._pushed = 0
+        self._leases: dict[int, Request] = {}  # lease id: the request the engine holds
+        self._acked: list[int] = []  # leases ended here, not yet acknowledged in Redis
+        self._unsent: list[Command] = []  # pushes (and dead letters) Redis has not taken
+        self._unsent_retry_at = 0.0
+        self._unsent_backoff = _REFUSED_RETRY[0]
+        self._refused_warned = False
         self._last_size = 0
         self._size_read_at = 0.0
         self._quiet_until = 0.0  # nothing was ready: no need to ask Redis before this
-        self._requeue_at = 0.0  # when to look for dead workers' leases again
         self._opened = monotonic()
+        self._empty_since: float | None = None
+        self._idle_before_close = max(0, crawler.settings.getint("SCHEDULER_IDLE_BEFORE_CLOSE"))
+        self._ttl_ms = int(max(3600.0, 10 * self.config.lease) * 1000)
         self._hints = _DelayHints(crawler.settings)
         self._stats = crawler.stats
-        self._requeue()
-        crawler.signals.connect(self._downloaded, signal=signals.response_downloaded)
-        crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
+        self._heartbeat = Heartbeat.join(crawler, self.config)
+        self._heartbeat.ride(self._on_heartbeat)
         crawler.signals.connect(self._closed, signal=signals.spider_closed)
-        crawler.signals.connect(self._take_held, signal=requests_held_at_close)
+        if getattr(self.serializer, "__name__", "") == "scrapy_redis.picklecompat":
+            logger.warning(
+                "SCHEDULER_SERIALIZER is scrapy-redis's pickle: anyone who can write to the "
+                "queue's Redis runs code in every worker; scrapy_polite.serializer is JSON"
+            )
 
     def __len__(self) -> int:
-        """Requests queued or leased to a worker: the crawl is not over while any are.
+        """Requests queued, leased to any worker, or waiting here to be written: the
+        crawl is not over while any are (nor while Redis is away).
 
-        A worker just started also counts one for a few seconds: another worker
-        may be between its dupefilter check and its push of the first requests.
-        Read again at most every ``_QUIET`` seconds (Scrapy asks very often).
+        A worker just started also counts one for a few seconds (another worker
+        may be between its dupefilter check and its push of the first
+        requests), and one for ``SCHEDULER_IDLE_BEFORE_CLOSE`` seconds after the
+        queue was last seen empty. Read again at most every ``_QUIET`` seconds
+        (Scrapy asks very often); the read carries this worker's acknowledgements.
         """
         now = monotonic()
+        self._settle()
         if now >= self._size_read_at + _QUIET or not self._last_size:
+            self._send_unsent()
+            acked = self._take_acks()
+            commands: list[Command] = [("GET", self._size)]
+            if acked:
+                commands.insert(0, self._ack_command(acked))
             try:
-                (size,) = self._link.blocking(QUEUE, ("GET", self._size))
+                replies = self._link.blocking(QUEUE, *commands)
+            except RedisUnavailable:
+                self._acked = acked + self._acked
+                return max(1, self._last_size) + len(self._unsent)
+            if acked and isinstance(replies[0], Exception):
+                self._acked = acked + self._acked
+                self._refused(replies[0], "acknowledgements")
+            size = replies[-1]
+            if not isinstance(size, Exception):
                 self._last_size = max(0, int(size or 0))
                 self._size_read_at = now
-            except RedisUnavailable:
-                return max(1, self._last_size) + len(self._unsent)  # not over: Redis is away
-        if not self._last_size and monotonic() - self._opened < _STARTUP_GRACE:
+        pending = self._last_size + len(self._unsent)
+        if pending:
+            self._empty_since = None
+            return pending
+        if self._empty_since is None:
+            self._empty_since = now
+        if now - self._opened < _STARTUP_GRACE or now - self._empty_since < self._idle_before_close:
             return 1
-        return self._last_size + len(self._unsent)
+        return 0
 
     def push(self, request: Request) -> None:
+        """Write *request* to its domain's queue (or keep it here until Redis takes it)."""
+        try:
+            data = encode_request(request, self.spider, self.serializer)
+        except TypeError as exc:
+            _refuse_unstorable(request, exc, self._stats)
+            return
         domain = _domain(request)
-        request.meta.pop(_LEASE, None)
-        data = self._encode(request)
         queue = domain_key(domain, "queue", self.key)
         keys = (self._domains, queue, domain_key(domain, "pace"), self._size)
         hint = int(self._hints.floor(domain) * _US)
-        command = ("EVAL", _PUSH, len(keys), *keys, -request.priority, data, domain, hint)
-        self._unsent.append(command)
+        self._pushed += 1
+        member = b"%016x%s.%x|" % (time.time_ns(), self._tag.encode(), self._pushed) + data
+        self._unsent.append(
+            ("EVAL", _PUSH, len(keys), *keys, -request.priority, member, domain, hint, self._ttl_ms)
+        )
         self._send_unsent()
         self._quiet_until = 0.0  # something is ready now
 
     def pop(self, timeout: int = 0) -> Request | None:
+        """The next request of a ready domain, leased to this worker; or None.
+
+        *timeout* (scrapy-redis's ``SCHEDULER_IDLE_BEFORE_CLOSE``) is not
+        waited here, which would block the reactor: ``__len__`` keeps the
+        worker open that long after the queue was last seen empty instead.
+        """
+        self._settle()
         now = monotonic()
         if now < self._quiet_until or not self._send_unsent():
             return None
-        if now >= self._requeue_at:
-            self._requeue_at = now + self.config.heartbeat
-            self._requeue()
-        acked, self._acked = self._acked, []
         leased = self._leased_prefix + self.worker
         keys = (self._domains, leased, self._workers, self._counter, self._size)
         lease, horizon = int(self.config.lease * _US), int(_POLL_HORIZON * _US)
-        try:
-            (reply,) = self._link.blocking(
-                QUEUE,
-                ("EVAL", _POP, len(keys), *keys, self.key, self.worker, lease, horizon, *acked),
-            )
-        except RedisUnavailable:
-            self._acked = acked + self._acked
-            return None
-        if isinstance(reply, Exception):
-            raise reply
-        self._inc("pops")
-        lease_id, data = reply
-        if int(lease_id) < 0:  # nothing ready: data is how long until a domain is (µs)
-            wait = int(data) / _US if int(data) >= 0 else _QUIET
-            self._quiet_until = now + min(max(wait, 0.0), _QUIET)
-            return None
-        request = request_from_dict(self.serializer.loads(data), spider=self.spider)
-        request.meta[_LEASE] = int(lease_id)
-        return request
+        for _ in range(_POP_TRIES):
+            acked = self._take_acks()
+            try:
+                (reply,) = self._link.blocking(
+                    QUEUE,
+                    ("EVAL", _POP, len(keys), *keys, self.key, self.worker, lease, horizon, *acked),
+                )
+            except RedisUnavailable:
+                self._acked = acked + self._acked
+                return None
+            if isinstance(reply, Exception):  # OOM, READONLY: nothing was changed
+                self._acked = acked + self._acked
+                self._refused(reply, "a pop")
+                self._quiet_until = now + _QUIET
+                return None
+            self._inc("pops")
+            if int(reply[0]) < 0:  # nothing ready: reply[1] is how long until a domain is (µs)
+                wait = int(reply[1]) / _US if int(reply[1]) >= 0 else _QUIET
+                self._quiet_until = now + min(max(wait, 0.0), _QUIET)
+                return None
+            lease_id, member, domain = int(reply[0]), reply[1], reply[2]
+            request = self._request(lease_id, member, domain)
+            if request is not None:
+                self._leases[lease_id] = request
+                return request
+        return None
 
     def clear(self) -> None:
         """scrapy-redis's flush: only the last live worker empties the shared queue."""
@@ -607,103 +782,227 @@ class DomainQueue:
         except RedisUnavailable:
             logger.warning("Could not clear the shared queue: Redis is unavailable")
 
-    # -- leases -------------------------------------------------------------------
-    def _downloaded(self, response: Any, request: Request, spider: Spider | None = None) -> None:
-        self._ack(request)
+    # -- entries read back ------------------------------------------------------------
+    def _request(self, lease_id: int, member: bytes, domain: bytes) -> Request | None:
+        """The request *member* holds, or None once it is quarantined."""
+        data = member.partition(_MEMBER_SEPARATOR)[2] or member
+        try:
+            return trusted_request(self.serializer.loads(data), self.spider)
+        except Exception as exc:  # anything wrong with it: never the engine's problem
+            reason = f"{type(exc).__name__}: {exc}"
+        shown = domain.decode("utf-8", "replace")
+        logger.warning(
+            "Quarantined a queue entry of %s in %s (%s): %.200r", shown, self.dead_key, reason, data
+        )
+        self._inc("quarantined")
+        letter = json.dumps(
+            {
+                "reason": reason,
+                "domain": shown,
+                "worker": self.worker,
+                "at": time.time(),
+                "member": member.decode("latin-1"),
+            }
+        )
+        self._unsent.append(("RPUSH", self.dead_key, letter))
+        self._acked.append(lease_id)
+        self._send_unsent()
+        return None
 
-    def _left_downloader(self, request: Request, spider: Spider | None = None) -> None:
-        engine = self.spider.crawler.engine
-        # A download that failed is done with; what a stopping crawl cancels is handed back.
-        if engine is not None and engine.running:
-            self._ack(request)
-
-    def _ack(self, request: Request) -> None:
-        lease = request.meta.pop(_LEASE, None)
-        if lease is None:
+    # -- leases ---------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Leases of requests the engine is done with become acknowledgements to send."""
+        if not self._leases:
             return
-        from scrapy.utils.defer import deferred_from_coro
+        in_progress = requests_in_progress(self._crawler.engine)
+        ended = [i for i, r in self._leases.items() if r not in in_progress]
+        for lease_id in ended:
+            del self._leases[lease_id]
+        self._acked += ended
 
-        deferred_from_coro(self._send_ack(int(lease)))
+    def _take_acks(self) -> list[int]:
+        """The acknowledgements to send now: none while pushes wait before them (a
+        request's lease ends only once what its callback produced is in Redis)."""
+        if self._unsent or not self._acked:
+            return []
+        acked, self._acked = self._acked, []
+        return acked
 
-    async def _send_ack(self, lease: int) -> None:
-        """Done with a leased request: at once, off the reactor thread's wait."""
+    def _ack_command(self, acked: list[int]) -> Command:
         keys = (self._leased_prefix + self.worker, self._size)
+        return ("EVAL", _ACK, len(keys), *keys, *acked)
+
+    async def _on_heartbeat(self) -> None:
+        """With each heartbeat: this worker's acknowledgements, and dead workers' leases
+        back to the queue (theirs expired ``POLITE_CLUSTER_LEASE`` after their last beat)."""
+        self._settle()
+        acked = self._take_acks()
+        keys = (self._domains, self._workers, self._leased_prefix, self._size)
+        commands = [("EVAL", _REQUEUE, len(keys), *keys, self.key)]
+        if acked:
+            commands.insert(0, self._ack_command(acked))
         try:
-            await self._link.call(QUEUE, ("EVAL", _ACK, len(keys), *keys, lease))
+            replies = await self._link.call(QUEUE, *commands)
         except RedisUnavailable:
-            self._acked.append(lease)  # sent with the next pop
+            self._acked = acked + self._acked
+            raise
+        if acked and isinstance(replies[0], Exception):
+            self._acked = acked + self._acked
+        moved = replies[-1]
+        if isinstance(moved, Exception):
+            self._refused(moved, "a requeue")
+        elif moved:
+            logger.warning(
+                "%d requests of workers that stopped answering went back to the shared queue",
+                moved,
+            )
+            self._inc("requeued", int(moved))
 
-    def _take_held(self, requests: list[Request]) -> int:
-        """The robots.txt middleware's held requests, at a stop: back to the shared queue."""
-        for request in requests:
-            self.push(request)
-        self._inc("handed_back", len(requests))
-        return len(requests)
-
-    def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
-        """Hand back what this worker took and did not download (graceful stop)."""
+    async def _closed(self, spider: Spider | None = None, reason: str = "") -> None:
+        """Write what waits, acknowledge what ended, hand back what did not (a stop)."""
+        self._settle()
+        moved = 0
         try:
-            self._send_unsent()
-            leased = self._leased_prefix + self.worker
-            acked, self._acked = self._acked, []
+            self._send_unsent(force=True)
+            if self._unsent:
+                logger.error(
+                    "Redis refused %d writes of this worker to the last: those requests "
+                    "are lost",
+                    len(self._unsent),
+                )
+                self._inc("lost", len(self._unsent))
+            acked = self._take_acks()
             if acked:
-                (done,) = self._link.blocking(QUEUE, ("HDEL", leased, *acked))
-                if done:
-                    self._link.blocking(QUEUE, ("DECRBY", self._size, done))
-            moved = self._requeue(self.worker)
+                self._link.blocking(QUEUE, self._ack_command(acked))
+            keys = (self._domains, self._workers, self._leased_prefix, self._size)
+            (moved,) = self._link.blocking(
+                QUEUE, ("EVAL", _REQUEUE, len(keys), *keys, self.key, self.worker)
+            )
         except RedisUnavailable:
             logger.warning(
                 "Redis is unavailable: %d requests pushed by this worker are lost, and its "
                 "leases go back to the queue once they expire",
                 len(self._unsent),
             )
-            moved = 0
         finally:
+            await self._heartbeat.leave()
             self._link.release()
-        if moved:
+        if isinstance(moved, int) and moved:
             logger.info("Handed %d unfinished requests back to the shared queue", moved)
             self._inc("handed_back", moved)
 
-    def _requeue(self, *workers: str) -> int:
-        """Put the leases of *workers*, or of every worker whose heartbeat expired, back."""
-        keys = (self._domains, self._workers, self._leased_prefix)
-        try:
-            (moved,) = self._link.blocking(
-                QUEUE, ("EVAL", _REQUEUE, len(keys), *keys, self.key, *workers)
-            )
-        except RedisUnavailable:
-            return 0
-        if isinstance(moved, Exception):
-            raise moved
-        if moved and not workers:
-            logger.warning(
-                "%d requests of workers that stopped answering went back to the shared queue",
-                moved,
-            )
-            self._inc("requeued", int(moved))
-        return int(moved)
-
-    def _send_unsent(self) -> bool:
-        """Write the pushes that wait; False while Redis is away."""
+    # -- writes Redis may refuse --------------------------------------------------------
+    def _send_unsent(self, *, force: bool = False) -> bool:
+        """Write the pushes that wait; False while some still do."""
         if not self._unsent:
             return True
+        if not force and monotonic() < self._unsent_retry_at:
+            return False
         try:
             replies = self._link.blocking(QUEUE, *self._unsent)
         except RedisUnavailable:
             return False
-        failed = [r for r in replies if isinstance(r, Exception)]
-        self._unsent = []
-        if failed:
-            raise failed[0]
-        return True
+        pairs = zip(self._unsent, replies, strict=True)
+        refused = [c for c, r in pairs if isinstance(r, Exception)]
+        self._unsent = refused
+        if not refused:
+            self._unsent_backoff = _REFUSED_RETRY[0]
+            if self._refused_warned:
+                logger.info("Redis takes this worker's requests again")
+                self._refused_warned = False
+            return True
+        error = next(r for r in replies if isinstance(r, Exception))
+        self._unsent_retry_at = monotonic() + self._unsent_backoff
+        self._unsent_backoff = min(self._unsent_backoff * 2, _REFUSED_RETRY[1])
+        self._refused(error, f"{len(refused)} pushes, kept in this worker until it does")
+        return False
 
-    def _encode(self, request: Request) -> bytes:
-        data: bytes = self.serializer.dumps(request.to_dict(spider=self.spider))
-        return data
+    def _refused(self, error: Exception, what: str) -> None:
+        """Redis answered with an error (OOM, READONLY): one warning, a stat."""
+        self._inc("refused")
+        if not self._refused_warned:
+            self._refused_warned = True
+            logger.warning(
+                "Redis at %s refused %s (%s); trying again, and this worker will not close "
+                "while it holds requests Redis has not taken",
+                self._link.shown_url,
+                what,
+                error,
+            )
 
     def _inc(self, event: str, count: int = 1) -> None:
         if self._stats is not None:
             self._stats.inc_value(f"polite/cluster/queue/{event}", count)
+
+
+# -- reading and writing requests ---------------------------------------------------------
+
+
+def encode_request(request: Request, spider: Spider, serializer: Any) -> bytes:
+    """*request* as the queue stores it; :class:`TypeError` if it cannot be stored.
+
+    The dupefilter encodes first (a request that cannot be stored is never
+    recorded as seen); the push that follows reuses the bytes, kept per crawler
+    for as long as the request lives.
+    """
+    assert spider.crawler is not None
+    memo: WeakKeyDictionary[Request, bytes] = spider.crawler.__dict__.setdefault(
+        _ENCODED_ATTRIBUTE, WeakKeyDictionary()
+    )
+    data = memo.pop(request, None)
+    if data is None:
+        data = serializer.dumps(request.to_dict(spider=spider))
+        assert data is not None
+        memo[request] = data
+    return data
+
+
+_ENCODED_ATTRIBUTE = "_scrapy_polite_encoded"
+
+
+def trusted_request(entry: Any, spider: Spider) -> Request:
+    """Build the request *entry* (a decoded queue entry) describes, if it can be trusted.
+
+    Only a ``Request`` subclass already imported is built (nothing is
+    imported), and only methods of the spider's class become callbacks;
+    anything else raises :class:`ValueError` naming what is wrong.
+    """
+    from scrapy import Request, Spider
+
+    if not isinstance(entry, dict):
+        raise ValueError("not a request dict")
+    if not isinstance(entry.get("url"), str):
+        raise ValueError("no URL string")
+    path = entry.get("_class", "scrapy.http.request.Request")
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"request class {path!r} is not an import path")
+    module_name, _, qualname = path.rpartition(".")
+    module = sys.modules.get(module_name)
+    cls = getattr(module, qualname, None) if module is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, Request)):
+        raise ValueError(f"{path!r} is not a Request subclass this worker has imported")
+    for name in ("callback", "errback"):
+        method = entry.get(name)
+        if method is None:
+            continue
+        if not isinstance(method, str) or method.startswith("__"):
+            raise ValueError(f"{name} {method!r} is not a method name")
+        found = inspect.getattr_static(type(spider), method, None)
+        scrapys = method not in {"parse", "_parse"} and hasattr(Spider, method)
+        if not inspect.isfunction(found) or scrapys:
+            raise ValueError(f"{name} {method!r} is not a method of {type(spider).__name__}")
+    return request_from_dict(entry, spider=spider)
+
+
+def _refuse_unstorable(request: Request, exc: TypeError, stats: Any) -> None:
+    logger.error("Not scheduled, the shared queue cannot store it: %s: %s", request, exc)
+    if stats is not None:
+        stats.inc_value("polite/cluster/queue/unstorable")
+
+
+def dead_letter_key(queue_key: str) -> str:
+    """The list of quarantined entries of the queue at *queue_key*."""
+    return f"{queue_key}:dead"
 
 
 try:  # scrapy-redis is the "cluster" extra: without it there is no dupefilter to extend
@@ -713,36 +1012,83 @@ except ImportError:  # pragma: no cover
 
 
 class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
-    """scrapy-redis's ``RFPDupeFilter`` that survives a Redis outage.
+    """scrapy-redis's ``RFPDupeFilter`` through the one Redis layer.
 
-    ``DUPEFILTER_CLASS = "scrapy_polite.cluster.DupeFilter"``. scrapy-redis's
-    raises when Redis is away, and the request being scheduled is lost. This
-    one then judges by what this worker has seen (a request may be fetched
-    twice across workers during the outage, never zero times).
+    ``DUPEFILTER_CLASS = "scrapy_polite.cluster.DupeFilter"`` (the add-on sets
+    it in cluster mode in place of scrapy-redis's). Each check is one ``SADD``
+    bounded by ``POLITE_REDIS_TIMEOUT``, never scrapy-redis's 30 s blocking
+    client; while Redis is away or refuses writes, duplicates are judged by
+    what this worker has seen (a request may be fetched twice across workers
+    then, never zero times). A request the shared queue cannot store is
+    refused before it is recorded, so its URL is not marked seen for nothing.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, server: Any, key: str, debug: bool = False, **kwargs: Any) -> None:
+        super().__init__(server, key, debug)
+        self._link: RedisLink | None = kwargs.get("link")
+        self._spider: Spider | None = kwargs.get("spider")
+        self._serializer: Any = kwargs.get("serializer")
         self._seen_here: set[str] = set()
         self._warned = False
 
-    def request_seen(self, request: Request) -> bool:
-        import redis
+    @classmethod
+    def from_spider(cls, spider: Spider) -> Self:
+        crawler = spider.crawler
+        settings = crawler.settings
+        key = settings.get("SCHEDULER_DUPEFILTER_KEY") or "%(spider)s:dupefilter"
+        url = required_redis_url(settings, URL_SETTING, "the shared dupefilter")
+        link = RedisLink.open(crawler, url, "dupefilter", "duplicates judged by each worker alone")
+        serializer = settings.get("SCHEDULER_SERIALIZER") or "scrapy_polite.serializer"
+        return cls(
+            None,
+            key % {"spider": spider.name},
+            settings.getbool("DUPEFILTER_DEBUG"),
+            link=link,
+            spider=spider,
+            serializer=importlib.import_module(serializer)
+            if isinstance(serializer, str)
+            else serializer,
+        )
 
-        try:
+    def request_seen(self, request: Request) -> bool:
+        if self._spider is not None:
+            try:
+                encode_request(request, self._spider, self._serializer)
+            except TypeError as exc:
+                _refuse_unstorable(request, exc, self._spider.crawler.stats)
+                return True  # not scheduled, and not recorded
+        fingerprint = self.request_fingerprint(request)
+        if self._link is None:  # built by from_settings, outside a crawl
             return bool(super().request_seen(request))
-        except (redis.RedisError, OSError) as exc:
+        try:
+            added = self._link.blocking_one("dupefilter", "SADD", self.key, fingerprint)
+        except RedisUnavailable as exc:
+            added = exc
+        if isinstance(added, Exception):
             if not self._warned:
                 self._warned = True
                 logger.warning(
                     "The shared dupefilter is unavailable (%s): duplicates are judged by "
                     "this worker alone until Redis answers",
-                    exc,
+                    added,
                 )
-            fingerprint = self.request_fingerprint(request)
             seen = fingerprint in self._seen_here
             self._seen_here.add(fingerprint)
             return seen
+        return int(added) == 0
+
+    def clear(self) -> None:
+        if self._link is None:
+            super().clear()
+            return
+        with contextlib.suppress(RedisUnavailable):
+            self._link.blocking("dupefilter", ("DEL", self.key))
+
+    def close(self, reason: str = "") -> None:
+        if self._link is None:
+            super().close(reason)
+            return
+        self._link.release()
 
 
 class _DelayHints:

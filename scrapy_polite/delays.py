@@ -715,13 +715,12 @@ class PoliteDelayMiddleware:
         self._domains: OrderedDict[str, _DomainPace] = OrderedDict()  # least recently used first
         self._backed_off: dict[str, _DomainPace] = {}  # domains with an extra delay
         self._shared: SharedPace | None = None
-        self._heartbeat: Any = None
         # The politeness report's ledger, when the report runs.
         self._ledger = ledger(crawler) if report_enabled(crawler.settings) else None
         if cluster_enabled(crawler.settings):
             verify_redis(crawler.settings, "POLITE_CLUSTER_REDIS_URL")
             self._shared = SharedPace(crawler, ClusterConfig.from_settings(crawler.settings))
-            crawler.signals.connect(self._start_heartbeat, signal=signals.spider_opened)
+            crawler.signals.connect(self._joined, signal=signals.spider_opened)
             crawler.signals.connect(self._leave, signal=signals.spider_closed)
         crawler.signals.connect(self._robots_parsed, signal=signals.robots_parsed)
         crawler.signals.connect(self._left_downloader, signal=signals.request_left_downloader)
@@ -929,13 +928,9 @@ class PoliteDelayMiddleware:
         logger.info("%s: Crawl-delay %.2f s is now its delay floor", pace.key, seconds)
 
     # -- cluster ---------------------------------------------------------------------
-    def _start_heartbeat(self, spider: Spider | None = None) -> None:
-        from twisted.internet.task import LoopingCall
-
+    def _joined(self, spider: Spider | None = None) -> None:
         shared = self._shared
         assert shared is not None
-        self._heartbeat = LoopingCall(lambda: _spawn(_shared_call(shared.heartbeat()), "heartbeat"))
-        self._heartbeat.start(shared.config.heartbeat, now=True)
         logger.info(
             "Cluster mode: pacing every domain with the other workers through Redis at %s "
             "(worker %s)",
@@ -946,13 +941,11 @@ class PoliteDelayMiddleware:
     async def _leave(self, spider: Spider | None = None) -> None:
         shared = self._shared
         assert shared is not None
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
         paces = [p for p in self._domains.values() if isinstance(p, _SharedDomainPace)]
         with contextlib.suppress(RedisUnavailable):
             for pace in paces:
                 await pace.close()
-            await shared.leave()
+        await shared.leave()
         shared.release()
 
 

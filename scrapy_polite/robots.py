@@ -35,6 +35,10 @@ back to the scheduler) and scheduled again once the answer is in, so none
 occupies one of ``CONCURRENT_REQUESTS`` while it waits. Only requests that reach
 the downloader without passing the scheduler (``engine.download`` calls,
 requests read back from a disk or Redis queue) wait inside ``process_request``.
+In cluster mode every request waits there: the scheduler is the shared queue,
+and a request held in one worker's memory would be lost with that worker; one
+waiting in the downloader stays leased to its worker in Redis, and goes back to
+the queue if the worker dies.
 
 With a Redis URL results are shared (:mod:`scrapy_polite._robots_store`): the
 first crawler process to need an origin takes a short lock and fetches; the
@@ -80,6 +84,7 @@ from scrapy_polite._settings import (
     get_int,
     robots_user_agent,
 )
+from scrapy_polite.cluster import cluster_enabled
 from scrapy_polite.report import ledger, report_enabled
 
 if TYPE_CHECKING:
@@ -224,7 +229,8 @@ class PoliteRobotsTxtMiddleware:
                 "robots.txt results stay in this process",
             )
             self._store = RobotsStore(link, self.config.expiry, self.config.lock_ttl)
-        crawler.signals.connect(self._gate, signal=signals.request_scheduled)
+        if not cluster_enabled(crawler.settings):  # see the module's docstring
+            crawler.signals.connect(self._gate, signal=signals.request_scheduled)
         crawler.signals.connect(self._keep_open, signal=signals.spider_idle)
         crawler.signals.connect(self._close, signal=signals.spider_closed)
 

@@ -77,3 +77,55 @@ class CacheWatchingSpider(PagesSpider):
         fingerprint = self.crawler.request_fingerprinter.fingerprint(response.request).hex()
         key = f"polite:httpcache:{self.name}:{fingerprint}"
         yield {**_item(response), "in_redis": bool(self._redis.exists(key))}
+
+
+class SlowSharedSpider(SharedSpider):
+    """:class:`SharedSpider` whose callback takes ``parse_seconds`` (default 0.3) without
+    blocking the reactor, so a worker can be stopped or killed inside it; its stats hold
+    the reactor's longest lag (``test/max_lag_ms``), measured every 50 ms."""
+
+    name = "slow-shared"
+
+    def __init__(self, parse_seconds: Any = 0.3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parse_seconds = float(parse_seconds)
+        self._max_lag = 0.0
+
+    async def start(self) -> Any:
+        from twisted.internet import reactor
+        from twisted.internet.task import LoopingCall
+
+        last = [reactor.seconds()]  # type: ignore[attr-defined]
+
+        def tick() -> None:
+            now = reactor.seconds()  # type: ignore[attr-defined]
+            self._max_lag = max(self._max_lag, now - last[0] - 0.05)
+            last[0] = now
+
+        self._lag_timer = LoopingCall(tick)
+        self._lag_timer.start(0.05)
+        async for request in super().start():
+            yield request
+
+    async def parse(self, response: Response) -> Any:  # type: ignore[override]
+        from scrapy.utils.defer import maybe_deferred_to_future
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await maybe_deferred_to_future(deferLater(reactor, self.parse_seconds, lambda: None))
+        for output in super().parse(response):
+            yield output
+
+    def closed(self, reason: str) -> None:
+        assert self.crawler.stats is not None
+        self.crawler.stats.set_value("test/max_lag_ms", round(self._max_lag * 1000))
+
+
+class Canary:
+    """Not a request: a queue entry naming it must never build it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import os
+        from pathlib import Path
+
+        Path(os.environ["POLITE_CANARY_DIR"], "built").write_text("Canary was built")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import statistics
 import time
@@ -56,8 +57,8 @@ def _start_workers(
     return started
 
 
-def _finished(*started: Any) -> CrawlResult:
-    result = finish_crawl(*started, timeout=240)
+def _finished(*started: Any, timeout: float = 240) -> CrawlResult:
+    result = finish_crawl(*started, timeout=timeout)
     assert result.returncode == 0, result.log[-4000:]
     assert "Traceback" not in result.log, result.log[-4000:]
     return result
@@ -235,3 +236,325 @@ def test_a_slow_domain_does_not_hold_back_the_fast_ones_across_workers(
     # beside the slow one); with the domain-aware queue, 0.78 s and 0.77 s.
     assert beside <= alone * 1.3 + 0.2, (alone, beside)
     assert len(site.page_hits(slow)) == 9
+
+
+# -- cluster mode on real sites: every crawl ends, nothing is lost, nothing read runs ------
+
+SLOW_SPIDER = "tests.spiders.SlowSharedSpider"
+QUEUE_KEY = "slow-shared:requests"
+ROBOTS = "User-agent: *\nDisallow: /p/1\n"  # forbids /p/1, /p/10, /p/11 of 12 pages
+BOUND = 120  # seconds: every crawl below ends well within it, or the test fails
+
+
+def _allowed(pages: int = PAGES) -> set[str]:
+    return {"/", *(f"/p/{i}" for i in range(pages) if not str(i).startswith("1"))}
+
+
+def _forbidding_site(site: Site, hosts: tuple[str, ...]) -> None:
+    for host in hosts:
+        site.set_pages(host, PAGES)
+        site.route(host, "/robots.txt", Reply(200, ROBOTS))
+
+
+def _slow(site: Site, hosts: tuple[str, ...], settings: dict[str, Any], parse: float = 0.1):
+    urls = json.dumps([site.url(h, "/") for h in hosts])
+    return start_crawl(SLOW_SPIDER, settings, args={"urls": urls, "parse_seconds": parse})
+
+
+def _everything_on(redis_server: RedisServer, **extra: Any) -> dict[str, Any]:
+    return _cluster(
+        redis_server,
+        POLITE_DELAY=0.05,
+        ROBOTSTXT_OBEY=True,
+        HTTPCACHE_ENABLED=True,
+        POLITE_ROBOTS_RETRY_DELAY=0.5,
+        CONCURRENT_REQUESTS=4,
+        **extra,
+    )
+
+
+def _site_saw_every_allowed_page_and_no_forbidden_one(site: Site, hosts: tuple[str, ...]):
+    for host in hosts:
+        fetched = set(_pages(site, host))
+        assert fetched == _allowed(), (host, sorted(fetched ^ _allowed()))
+
+
+def test_a_cluster_crawl_with_robots_cache_429_and_an_unreachable_robots_ends_and_a_warm_rerun_fetches_nothing(  # noqa: E501
+    site: Site, redis_server: RedisServer
+):
+    hosts = site.hosts[:4]
+    _forbidding_site(site, hosts)
+    unreachable, throttled = hosts[2], hosts[3]
+    opened = time.monotonic()
+    site.route(
+        unreachable,
+        "/robots.txt",
+        lambda hit: Reply(503) if hit.time < opened + 3 else Reply(200, ROBOTS),
+    )
+    site.route(throttled, "/p/3", Reply(429, headers=[("Retry-After", "1")]), Reply(200, "ok"))
+    settings = _everything_on(redis_server)
+    started = [_slow(site, hosts, settings) for _ in range(3)]
+    results = [_finished(*s, timeout=BOUND) for s in started]
+    _site_saw_every_allowed_page_and_no_forbidden_one(site, hosts)
+    assert sum(r.stat("polite/robots/forbidden") for r in results) >= 3 * len(hosts)
+    assert sorted(_pages(site, throttled)).count("/p/3") == 2  # refused, then fetched
+    assert len(site.hits(unreachable, "/robots.txt")) >= 2  # 503, then tried again
+    assert redis_server.client().get(f"{QUEUE_KEY}:size") in (b"0", None)
+    items = sum(len(r.items) for r in results)
+    assert items == len(hosts) * len(_allowed()), items
+
+    # The same crawl again on the warm cache, with a fresh dupefilter: no page reaches the site.
+    site.reset()
+    _forbidding_site(site, hosts)
+    redis_server.client().delete("slow-shared:dupefilter")
+    started = [_slow(site, hosts, settings) for _ in range(3)]
+    again = [_finished(*s, timeout=BOUND) for s in started]
+    assert site.page_hits() == []
+    assert sum(len(r.items) for r in again) == items
+    assert sum(r.stat("httpcache/hit") for r in again) >= items
+
+
+def test_a_worker_killed_inside_the_start_pages_callback_loses_none_of_its_links(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+):
+    host = three_hosts[0]
+    settings = _cluster(redis_server, POLITE_DELAY=0.05)
+    victim = _slow(site, (host,), settings, parse=30)
+    deadline = time.monotonic() + 30
+    while not site.page_hits(host):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)  # inside the start page's 30 s callback
+    victim[0].kill()
+    victim[0].wait(10)
+    fresh = _finished(*_slow(site, (host,), settings, parse=0.05), timeout=BOUND)
+    assert set(_pages(site, host)) == {"/", *(f"/p/{i}" for i in range(PAGES))}
+    assert _pages(site, host).count("/") == 2  # the start page again, from its expired lease
+    assert len(fresh.items) == PAGES + 1
+
+
+def test_an_idle_worker_stays_open_while_another_parses_and_honours_idle_before_close(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+):
+    host = three_hosts[0]
+    settings = _cluster(redis_server, POLITE_DELAY=0.05)
+    parser = _slow(site, (host,), settings, parse=8)  # the start page takes 8 s to parse
+    deadline = time.monotonic() + 30
+    while not site.page_hits(host):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    idle = _slow(site, (host,), {**settings, "SCHEDULER_IDLE_BEFORE_CLOSE": 3}, parse=0.05)
+    started = time.monotonic()
+    idle_result = _finished(*idle, timeout=BOUND)
+    took = time.monotonic() - started
+    parser_result = _finished(*parser, timeout=BOUND)
+    # The idle worker waited for the 8 s callback, then shared its pages.
+    assert idle_result.items, idle_result.log[-3000:]
+    assert len(idle_result.items) + len(parser_result.items) == PAGES + 1
+    # And stayed SCHEDULER_IDLE_BEFORE_CLOSE seconds past the queue's last request.
+    last_page = max(h.time for h in site.page_hits(host))
+    assert started + took - last_page >= 3 - 0.5, (started + took - last_page)
+
+
+@pytest.mark.parametrize(
+    "seed", [int(s) for s in os.environ.get("POLITE_CHAOS_SEEDS", "1,2").split(",")]
+)
+def test_chaos_workers_killed_stopped_and_joining_at_random_fetch_every_allowed_page_and_end(
+    site: Site, redis_server: RedisServer, seed: int
+):
+    rng = random.Random(seed)
+    hosts = site.hosts[:3]
+    _forbidding_site(site, hosts)
+    settings = _everything_on(redis_server, POLITE_DELAY=0.1)
+    workers = [_slow(site, hosts, settings, parse=0.3) for _ in range(3)]
+    killed = 0
+    began = time.monotonic()
+    for _ in range(4):
+        time.sleep(rng.uniform(0.5, 2.5))
+        live = [w for w in workers if w[0].poll() is None]
+        if not live:
+            break
+        victim = rng.choice(live)
+        if rng.random() < 0.6:
+            victim[0].kill()
+            killed += 1
+        else:
+            victim[0].terminate()
+        workers.append(_slow(site, hosts, settings, parse=0.3))
+    results = [finish_crawl(*w, timeout=BOUND) for w in workers]
+    duration = time.monotonic() - began
+    _site_saw_every_allowed_page_and_no_forbidden_one(site, hosts)
+    refetched = len(site.page_hits()) - len(hosts) * len(_allowed())
+    print(f"seed {seed}: {killed} killed, {refetched} refetched, {duration:.1f} s")
+    # Only what a killed worker held (at most CONCURRENT_REQUESTS downloading, and the
+    # responses its scraper held) can be fetched again.
+    assert 0 <= refetched <= killed * 2 * 4, refetched
+    assert all("Traceback" not in r.log for r in results)
+    assert redis_server.client().get(f"{QUEUE_KEY}:size") in (b"0", None)
+
+
+def _push_raw(redis_server: RedisServer, domain: str, member: bytes) -> None:
+    client = redis_server.client()
+    client.zadd(f"polite:{{{domain}}}:queue:{QUEUE_KEY}", {member: -100})
+    client.zadd(f"{QUEUE_KEY}:domains", {domain: 0})
+    client.incr(f"{QUEUE_KEY}:size")
+
+
+def _poison(url: str) -> list[bytes]:
+    good = {"url": url, "method": "GET", "callback": "parse", "meta": {}}
+    entries: list[Any] = [
+        b"not json at all",
+        b"[1, 2, 3]",
+        {**good, "_class": "tests.canary_module.CanaryRequest"},  # would import the module
+        {**good, "_class": "tests.spiders.Canary"},  # imported, not a Request: never built
+        {**good, "_class": "os.system"},
+        {**good, "callback": "start"},  # Scrapy's, not a callback
+        {**good, "callback": "__init__"},
+        {**good, "callback": "no_such_method"},
+        {**good, "url": 42},
+        {**good, "headers": "not headers"},
+    ]
+    return [e if isinstance(e, bytes) else json.dumps(e).encode() for e in entries]
+
+
+def test_poisoned_queue_entries_are_quarantined_never_imported_or_built_and_the_crawl_ends(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...], tmp_path, monkeypatch
+):
+    monkeypatch.setenv("POLITE_CANARY_DIR", str(tmp_path))
+    host = three_hosts[0]
+    poison = _poison(site.url(host, "/p/poison"))
+    for member in poison[:5]:  # some before the crawl starts...
+        _push_raw(redis_server, host, member)
+    settings = _cluster(redis_server, POLITE_DELAY=0.05)
+    started = [_slow(site, (host,), settings, parse=0.2) for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while not site.page_hits(host):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    for member in poison[5:]:  # ...and the rest into the live queue
+        _push_raw(redis_server, host, member)
+    results = [_finished(*s, timeout=BOUND) for s in started]
+    assert list(tmp_path.iterdir()) == []  # no canary imported or built
+    assert "/p/poison" not in _pages(site, host)
+    assert set(_pages(site, host)) == {"/", *(f"/p/{i}" for i in range(PAGES))}
+    dead = [json.loads(d) for d in redis_server.client().lrange(f"{QUEUE_KEY}:dead", 0, -1)]
+    assert sorted(d["member"].encode("latin-1") for d in dead) == sorted(poison)
+    assert sum(r.stat("polite/cluster/queue/quarantined") for r in results) == len(poison)
+    assert redis_server.client().get(f"{QUEUE_KEY}:size") == b"0"
+
+
+@pytest.mark.parametrize("refusal", ["oom", "readonly"])
+def test_redis_refusing_writes_for_a_moment_loses_no_request(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...], refusal: str
+):
+    host = three_hosts[0]
+    site.set_pages(host, 16)
+    settings = _cluster(redis_server, POLITE_DELAY=0.05)
+    worker = _slow(site, (host,), settings, parse=0.3)
+    client = redis_server.client()
+    deadline = time.monotonic() + 30
+    while not site.page_hits(host):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    if refusal == "oom":
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)
+    else:
+        client.execute_command("REPLICAOF", "127.0.0.1", "1")  # nobody there: no sync
+    time.sleep(1.0)  # the start page's callback pushes its links meanwhile
+    if refusal == "oom":
+        client.config_set("maxmemory", 0)
+    else:
+        client.execute_command("REPLICAOF", "NO", "ONE")
+    result = _finished(*worker, timeout=BOUND)
+    assert set(_pages(site, host)) == {"/", *(f"/p/{i}" for i in range(16))}
+    assert result.stat("polite/cluster/queue/refused") >= 1
+    assert "refused" in result.log
+
+
+def test_a_redis_that_never_answers_keeps_the_reactor_lag_under_a_second(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+):
+    host = three_hosts[0]
+    site.set_pages(host, 16)
+    settings = _cluster(redis_server, POLITE_DELAY=0.05, HTTPCACHE_ENABLED=True)
+    worker = _slow(site, (host,), settings, parse=0.3)
+    deadline = time.monotonic() + 30
+    while not site.page_hits(host):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    redis_server.pause()
+    try:
+        time.sleep(4)
+    finally:
+        redis_server.resume()
+    result = _finished(*worker, timeout=BOUND)
+    assert result.stat("polite/redis/outage") >= 1  # it did hang on Redis
+    assert result.stat("test/max_lag_ms") < 1000, result.stat("test/max_lag_ms")
+    assert set(_pages(site, host)) == {"/", *(f"/p/{i}" for i in range(16))}
+
+
+# -- the queue and the dupefilter, on their own --------------------------------------------
+
+
+def _spider(redis_server: RedisServer):
+    from scrapy.utils.test import get_crawler
+
+    from tests.spiders import SlowSharedSpider
+
+    crawler = get_crawler(SlowSharedSpider, {"REDIS_URL": redis_server.url})
+    return SlowSharedSpider.from_crawler(crawler)
+
+
+def test_trusted_request_builds_only_imported_request_classes_and_the_spiders_own_methods(
+    redis_server: RedisServer, tmp_path, monkeypatch
+):
+    from scrapy import FormRequest
+
+    from scrapy_polite.cluster import trusted_request
+    from scrapy_polite.serializer import loads
+
+    monkeypatch.setenv("POLITE_CANARY_DIR", str(tmp_path))
+    spider = _spider(redis_server)
+    good = trusted_request({"url": "http://a/", "callback": "parse"}, spider)
+    assert good.callback == spider.parse
+    form = {"url": "http://a/", "_class": "scrapy.http.request.form.FormRequest"}
+    assert type(trusted_request(form, spider)) is FormRequest
+    for member in _poison("http://a/"):
+        with pytest.raises(Exception):  # noqa: B017, PT011
+            trusted_request(loads(member), spider)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_dupefilter_never_records_a_request_the_queue_cannot_store(
+    redis_server: RedisServer,
+):
+    from scrapy import Request
+
+    from scrapy_polite.cluster import DupeFilter
+
+    spider = _spider(redis_server)
+    dupefilter = DupeFilter.from_spider(spider)
+    unstorable = Request("http://a/x", meta={"tags": {"a", "b"}})
+    assert dupefilter.request_seen(unstorable)  # refused: not scheduled
+    assert redis_server.client().scard(dupefilter.key) == 0  # and not recorded
+    assert spider.crawler.stats.get_value("polite/cluster/queue/unstorable") == 1
+    assert not dupefilter.request_seen(Request("http://a/y"))
+    assert dupefilter.request_seen(Request("http://a/y"))
+    assert redis_server.client().scard(dupefilter.key) == 1
+    dupefilter.close()
+
+
+def test_identical_dont_filter_requests_are_each_queued_and_each_counted(
+    redis_server: RedisServer,
+):
+    from scrapy import Request
+
+    from scrapy_polite.cluster import DomainQueue
+
+    spider = _spider(redis_server)
+    queue = DomainQueue(None, spider, QUEUE_KEY)
+    for _ in range(2):
+        queue.push(Request("http://a/same", dont_filter=True))
+    assert redis_server.client().get(f"{QUEUE_KEY}:size") == b"2"
+    assert redis_server.client().zcard(f"polite:{{a}}:queue:{QUEUE_KEY}") == 2

@@ -11,6 +11,7 @@ both (``rediss://:password@127.0.0.1:port/0?ssl_ca_certs=...``).
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -130,6 +131,16 @@ class RedisServer:
         self._process.terminate()
         self._process.wait(10)
         self._process = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): it still accepts connections, and never answers."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Thaw a :meth:`pause`d server."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2)
