@@ -88,8 +88,13 @@ __all__ = [
     "DomainQueue",
     "DupeFilter",
     "Grant",
+    "Heartbeat",
     "SharedPace",
     "cluster_enabled",
+    "dead_letter_key",
+    "encode_request",
+    "queue_key",
+    "trusted_request",
     "worker_id",
     "workers_key",
 ]
@@ -1116,10 +1121,16 @@ def _domain(request: Request) -> str:
     return urlparse_cached(request).hostname or ""
 
 
+def queue_key(settings: BaseSettings, spider: str) -> str:
+    """scrapy-redis's queue key of *spider* (``SCHEDULER_QUEUE_KEY``): every key of the
+    shared queue starts with it."""
+    key: str = settings.get("SCHEDULER_QUEUE_KEY") or "%(spider)s:requests"
+    return key % {"spider": spider}
+
+
 def workers_key(settings: BaseSettings, spider: str) -> str:
     """The sorted set of live workers (and their leases' expiry) of *spider*'s crawl."""
-    queue_key = settings.get("SCHEDULER_QUEUE_KEY") or "%(spider)s:requests"
-    return f"{queue_key % {'spider': spider}}:workers"
+    return f"{queue_key(settings, spider)}:workers"
 
 
 def worker_id(crawler: Crawler) -> str:
