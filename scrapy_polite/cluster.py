@@ -28,10 +28,12 @@ is known (``POLITE_CLUSTER = "auto"``, the default), or when
   ``SCHEDULER_QUEUE_CLASS``). One queue per domain, and a sorted set of domains
   by when each may next be handed out, so a worker is handed the requests of
   domains that are ready, not a backlog parked behind a slow one. Every request
-  handed out is leased to its worker until it leaves the downloader; a worker
-  that stops hands its leases back, and the leases of a worker that died
-  return to the queue once it has missed ``POLITE_CLUSTER_LEASE`` seconds of
-  heartbeats.
+  handed out is leased to its worker until the engine is done with it (its
+  callback finished and what it produced pushed, or dropped on the way); a
+  worker that stops hands back what it did not finish, and the leases of a
+  worker that died return to the queue once it has missed
+  ``POLITE_CLUSTER_LEASE`` seconds of heartbeats (:class:`Heartbeat`, a timer
+  of its own). Entries that cannot be trusted are quarantined, never run.
 - **No pickle.** :mod:`scrapy_polite.serializer` stores requests as JSON.
 
 The add-on places the queue and the serializer unless you chose your own, and
@@ -760,6 +762,7 @@ class DomainQueue:
                 self._quiet_until = now + _QUIET
                 return None
             self._inc("pops")
+            self._refused_warned = bool(self._unsent) and self._refused_warned
             if int(reply[0]) < 0:  # nothing ready: reply[1] is how long until a domain is (µs)
                 wait = int(reply[1]) / _US if int(reply[1]) >= 0 else _QUIET
                 self._quiet_until = now + min(max(wait, 0.0), _QUIET)
@@ -1044,7 +1047,7 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
         url = required_redis_url(settings, URL_SETTING, "the shared dupefilter")
         link = RedisLink.open(crawler, url, "dupefilter", "duplicates judged by each worker alone")
         serializer = settings.get("SCHEDULER_SERIALIZER") or "scrapy_polite.serializer"
-        return cls(
+        dupefilter = cls(
             None,
             key % {"spider": spider.name},
             settings.getbool("DUPEFILTER_DEBUG"),
@@ -1054,6 +1057,9 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
             if isinstance(serializer, str)
             else serializer,
         )
+        # scrapy-redis's scheduler never closes its dupefilter: give the link back at the end.
+        crawler.signals.connect(dupefilter.close, signal=signals.spider_closed)
+        return dupefilter
 
     def request_seen(self, request: Request) -> bool:
         if self._spider is not None:
@@ -1089,11 +1095,12 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
         with contextlib.suppress(RedisUnavailable):
             self._link.blocking("dupefilter", ("DEL", self.key))
 
-    def close(self, reason: str = "") -> None:
+    def close(self, reason: str = "", spider: Spider | None = None) -> None:
         if self._link is None:
             super().close(reason)
             return
-        self._link.release()
+        link, self._link = self._link, None
+        link.release()
 
 
 class _DelayHints:

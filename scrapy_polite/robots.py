@@ -38,7 +38,10 @@ requests read back from a disk or Redis queue) wait inside ``process_request``.
 In cluster mode every request waits there: the scheduler is the shared queue,
 and a request held in one worker's memory would be lost with that worker; one
 waiting in the downloader stays leased to its worker in Redis, and goes back to
-the queue if the worker dies.
+the queue if the worker dies. When the worker is stopped, those requests go back
+to the shared queue within a second (Scrapy's graceful stop waits for every
+request in the downloader: they would otherwise hold the stop until the origin
+answers).
 
 With a Redis URL results are shared (:mod:`scrapy_polite._robots_store`): the
 first crawler process to need an origin takes a short lock and fetches; the
@@ -114,6 +117,7 @@ sitemaps_found = object()
 requests_held_at_close = object()
 
 _REDIS_POLL = 0.1  # seconds between two looks at Redis while another process fetches
+_STOP_LOOK = 1.0  # cluster mode: seconds between two looks for a stop, while waiting
 _DOWNLOAD_PRIORITY = 1000  # robots.txt requests go before the pages that wait for them
 _EVICTION_SCAN = 64  # origins looked at, oldest first, for one to forget
 _MIN_IDLE = 5.0  # seconds an origin must have gone unused before it may be forgotten
@@ -229,7 +233,9 @@ class PoliteRobotsTxtMiddleware:
                 "robots.txt results stay in this process",
             )
             self._store = RobotsStore(link, self.config.expiry, self.config.lock_ttl)
-        if not cluster_enabled(crawler.settings):  # see the module's docstring
+        # In cluster mode requests wait leased in the downloader (see the module's docstring).
+        self._shared_queue = cluster_enabled(crawler.settings)
+        if not self._shared_queue:
             crawler.signals.connect(self._gate, signal=signals.request_scheduled)
         crawler.signals.connect(self._keep_open, signal=signals.spider_idle)
         crawler.signals.connect(self._close, signal=signals.spider_closed)
@@ -247,6 +253,7 @@ class PoliteRobotsTxtMiddleware:
         origin = self._origin(request)
         if origin is None:
             return None
+        waited = False
         while True:
             now = monotonic()
             if origin.state is _State.KNOWN:
@@ -269,8 +276,24 @@ class PoliteRobotsTxtMiddleware:
                 return request.replace(dont_filter=True)  # it passed the dupefilter already
             waiter: Deferred[None] = _new_deferred()
             origin.waiters.append(waiter)
-            self._stats.inc_value("polite/robots/waited_in_downloader")
-            await maybe_deferred_to_future(waiter)
+            if not waited:
+                waited = True
+                self._stats.inc_value("polite/robots/waited_in_downloader")
+            if self._shared_queue:
+                # A stop waits for the requests in the downloader: look every second.
+                look = _call_later(_STOP_LOOK, _fire, waiter)
+                await maybe_deferred_to_future(waiter)
+                if look.active():
+                    look.cancel()
+                elif waiter in origin.waiters:
+                    origin.waiters.remove(waiter)
+                engine = self.crawler.engine
+                if engine is not None and not engine.running:
+                    # The worker stops: back to the shared queue, never lost with it.
+                    self._stats.inc_value("polite/robots/requeued_at_stop")
+                    return request.replace(dont_filter=True)
+            else:
+                await maybe_deferred_to_future(waiter)
             if self._closing:
                 raise IgnoreRequest(f"crawl closed while waiting for {origin.key}/robots.txt")
 
@@ -497,7 +520,7 @@ class PoliteRobotsTxtMiddleware:
             for request in held:
                 engine.crawl(request)
         for waiter in waiters:
-            waiter.callback(None)
+            _fire(waiter)
 
     # -- fetching ---------------------------------------------------------------------
     async def _shared_or_fetched(self, origin: _Origin) -> Outcome:
@@ -543,7 +566,7 @@ class PoliteRobotsTxtMiddleware:
             origin.held = []
             waiters, origin.waiters = origin.waiters, []
             for waiter in waiters:
-                waiter.callback(None)
+                _fire(waiter)
         dropped = len(held)
         if held:
             replies = self.crawler.signals.send_catch_log(
@@ -611,6 +634,12 @@ async def _fetch(crawler: Crawler, origin: str, timeout: float) -> Outcome:
 
 
 # -- Twisted helpers, importing the reactor only once it is installed ------------------
+def _fire(waiter: Deferred[None]) -> None:
+    """Wake *waiter*, unless it woke already (a waiter in cluster mode wakes each second)."""
+    if not waiter.called:
+        waiter.callback(None)
+
+
 def _new_deferred() -> Deferred[None]:
     from twisted.internet.defer import Deferred
 

@@ -556,3 +556,34 @@ def test_identical_dont_filter_requests_are_each_queued_and_each_counted(
         queue.push(Request("http://a/same", dont_filter=True))
     assert redis_server.client().get(f"{QUEUE_KEY}:size") == b"2"
     assert redis_server.client().zcard(f"polite:{{a}}:queue:{QUEUE_KEY}") == 2
+
+
+def test_a_worker_stopped_while_its_requests_wait_for_an_unreachable_robots_txt_hands_them_back(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+):
+    host = three_hosts[0]
+    site.route(host, "/robots.txt", Reply(503))
+    settings = _everything_on(redis_server, POLITE_ROBOTS_RETRY_DELAY=60)
+    worker = _slow(site, (host,), settings)
+    deadline = time.monotonic() + 30
+    while not site.hits(host, "/robots.txt"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1)  # the start page waits, leased, for a robots.txt tried again in 60 s
+    client = redis_server.client()
+    assert sum(client.hlen(k) for k in client.scan_iter(f"{QUEUE_KEY}:leased:*")) == 1
+    stopping = time.monotonic()
+    worker[0].terminate()
+    stopped = _finished(*worker, timeout=BOUND)
+    assert time.monotonic() - stopping < 10  # the stop did not wait for the robots.txt
+    assert stopped.stat("polite/robots/requeued_at_stop") == 1
+    assert site.page_hits(host) == []
+    assert client.get(f"{QUEUE_KEY}:size") == b"1"  # the start page is queued again
+    # robots.txt answers now (and its shared "unreachable" is forgotten): a fresh worker
+    # finds the start page in the queue and crawls the host.
+    site.route(host, "/robots.txt", Reply(200, ROBOTS))
+    for key in client.scan_iter("polite:*:robots*"):
+        client.delete(key)
+    fresh = _finished(*_slow(site, (host,), settings), timeout=BOUND)
+    assert set(_pages(site, host)) == _allowed()
+    assert len(fresh.items) == len(_allowed())
