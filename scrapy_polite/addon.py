@@ -119,14 +119,12 @@ class Addon:
             if (settings.getpriority(name) or 0) <= SETTINGS_PRIORITIES["default"]:
                 settings.set(name, value, priority="addon")
         # scrapy-redis's dupefilter blocks the reactor up to 60 s per request when Redis
-        # hangs; ours is the same filter through the one Redis layer.
-        dupefilter = settings.get("DUPEFILTER_CLASS")
-        if (settings.getpriority("DUPEFILTER_CLASS") or 0) <= SETTINGS_PRIORITIES[
-            "default"
-        ] or dupefilter in (SCRAPY_REDIS_DUPEFILTER, _path_of(SCRAPY_REDIS_DUPEFILTER)):
-            priority = max(
-                settings.getpriority("DUPEFILTER_CLASS") or 0, SETTINGS_PRIORITIES["addon"]
-            )
+        # hangs; ours is the same filter through the one Redis layer, so it also takes
+        # the place of scrapy-redis's where the user named that one.
+        priority = settings.getpriority("DUPEFILTER_CLASS") or 0
+        chosen = settings.get("DUPEFILTER_CLASS")
+        if priority <= SETTINGS_PRIORITIES["default"] or _names(chosen, SCRAPY_REDIS_DUPEFILTER):
+            priority = max(priority, SETTINGS_PRIORITIES["addon"])
             settings.set("DUPEFILTER_CLASS", CLUSTER_DUPEFILTER, priority=priority)
         url = redis_url(settings, "POLITE_CLUSTER_REDIS_URL")
         return f"cluster mode on ({redact(url) if url else '?'}: shared pace, domain-aware queue)"
@@ -151,12 +149,14 @@ def _replace_middleware(settings: BaseSettings, scrapys: type, ours: str, priori
     return True
 
 
-def _path_of(path: str) -> object:
-    """The object at *path*, or *path* when it cannot be imported."""
+def _names(value: object, path: str) -> bool:
+    """Whether a setting's *value* (an import path or the object) is the object at *path*."""
+    if isinstance(value, str):
+        return value == path
     try:
-        return load_object(path)
+        return value is load_object(path)
     except (ImportError, AttributeError):
-        return path
+        return False
 
 
 def _add_component(settings: BaseSettings, name: str, path: str, priority: int) -> None:

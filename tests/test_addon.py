@@ -191,6 +191,7 @@ def test_scrapy_redis_with_a_redis_url_turns_cluster_mode_on_with_queue_serializ
     assert changed["SCHEDULER_QUEUE_CLASS"] == "scrapy_polite.cluster.DomainQueue"
     assert changed["SCHEDULER_SERIALIZER"] == "scrapy_polite.serializer"
     assert changed["SCHEDULER_PERSIST"] is True
+    assert changed["DUPEFILTER_CLASS"] == "scrapy_polite.cluster.DupeFilter"
     assert _changed_by_addon({"SCHEDULER": "scrapy_redis.scheduler.Scheduler"}).keys() == {
         "DOWNLOADER_MIDDLEWARES",  # no Redis URL: no cluster mode
         "EXTENSIONS",
@@ -208,3 +209,12 @@ def test_cluster_mode_keeps_the_users_own_queue_serializer_and_persist():
     }
     settings = get_crawler(Spider, {**SCRAPY_REDIS, **mine, "ADDONS": {Addon: 100}}).settings
     assert {name: settings[name] for name in mine} == mine
+
+
+def test_cluster_mode_puts_its_dupefilter_in_the_place_of_scrapy_redis_but_keeps_any_other():
+    def dupefilter(chosen: str) -> str:
+        settings = {**SCRAPY_REDIS, "DUPEFILTER_CLASS": chosen, "ADDONS": {Addon: 100}}
+        return get_crawler(Spider, settings).settings["DUPEFILTER_CLASS"]
+
+    assert dupefilter("scrapy_redis.dupefilter.RFPDupeFilter") == "scrapy_polite.cluster.DupeFilter"
+    assert dupefilter("myproject.MyDupeFilter") == "myproject.MyDupeFilter"
