@@ -685,7 +685,8 @@ class DomainQueue:
         """
         now = monotonic()
         self._settle()
-        if now >= self._size_read_at + _QUIET or not self._last_size:
+        acks_waiting = bool(self._acked) and not self._unsent
+        if now >= self._size_read_at + _QUIET or not self._last_size or acks_waiting:
             self._send_unsent()
             acked = self._take_acks()
             commands: list[Command] = [("GET", self._size)]
@@ -793,7 +794,8 @@ class DomainQueue:
     # -- entries read back ------------------------------------------------------------
     def _request(self, lease_id: int, member: bytes, domain: bytes) -> Request | None:
         """The request *member* holds, or None once it is quarantined."""
-        data = member.partition(_MEMBER_SEPARATOR)[2] or member
+        # A member is "<unique prefix>|<request>"; one written before 0.3 is the request alone.
+        data = member if member.startswith(b"{") else member.partition(_MEMBER_SEPARATOR)[2]
         try:
             return trusted_request(self.serializer.loads(data), self.spider)
         except Exception as exc:  # anything wrong with it: never the engine's problem
