@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from scrapy.utils.defer import deferred_f_from_coro_f
 
 from scrapy_polite._httpcache_entry import decode_entry
 from scrapy_polite.testing.crawl import CrawlResult, finish_crawl, start_crawl
@@ -587,3 +588,27 @@ def test_a_worker_stopped_while_its_requests_wait_for_an_unreachable_robots_txt_
     fresh = _finished(*_slow(site, (host,), settings), timeout=BOUND)
     assert set(_pages(site, host)) == _allowed()
     assert len(fresh.items) == len(_allowed())
+
+
+@deferred_f_from_coro_f
+async def test_a_dead_workers_lease_of_a_download_slot_with_a_newline_goes_back_to_its_queue(
+    redis_server: RedisServer,
+):
+    from scrapy import Request
+
+    from scrapy_polite.cluster import DomainQueue, Heartbeat, worker_id
+
+    dead = DomainQueue(None, _spider(redis_server), QUEUE_KEY)
+    dead.push(Request("http://a/x", meta={"download_slot": "odd\nslot"}))
+    taken = dead.pop()
+    assert taken is not None
+    assert taken.meta["download_slot"] == "odd\nslot"
+    client = redis_server.client()
+    client.zadd(f"{QUEUE_KEY}:workers", {worker_id(dead.spider.crawler): 0})  # it died
+    alive = DomainQueue(None, _spider(redis_server), QUEUE_KEY)
+    await Heartbeat.join(alive.spider.crawler, alive.config).beat()  # its riders requeue
+    again = alive.pop()
+    assert again is not None
+    assert again.url == "http://a/x"
+    assert again.meta["download_slot"] == "odd\nslot"
+    assert client.get(f"{QUEUE_KEY}:size") == b"1"  # leased to the live worker now
