@@ -621,3 +621,30 @@ async def test_a_dead_workers_lease_of_a_download_slot_with_a_newline_goes_back_
     assert again.url == "http://a/x"
     assert again.meta["download_slot"] == "odd\nslot"
     assert client.get(f"{QUEUE_KEY}:size") == b"1"  # leased to the live worker now
+
+
+def test_a_worker_whose_downloads_outlast_its_lease_is_not_taken_for_dead(
+    site: Site, redis_server: RedisServer, three_hosts: tuple[str, ...]
+):
+    # Delays off (no delay middleware) and a full downloader: no pop for longer than the
+    # lease. The heartbeat is a timer of its own, so the other worker leaves its leases alone.
+    host = three_hosts[0]
+    site.set_pages(host, 4)
+    for i in range(4):
+        site.route(host, f"/p/{i}", Reply(200, f"<title>{i}</title>", delay=3))
+    settings = _cluster(
+        redis_server,
+        POLITE_DELAY_ENABLED=False,
+        POLITE_CLUSTER_LEASE=1.5,
+        CONCURRENT_REQUESTS=2,
+        CONCURRENT_REQUESTS_PER_DOMAIN=2,
+    )
+    busy = _slow(site, (host,), settings, parse=0.05)
+    deadline = time.monotonic() + 30
+    while len(site.page_hits(host)) < 3:  # the start page, then two slow pages
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    other = _slow(site, (host,), settings, parse=0.05)
+    results = [_finished(*busy, timeout=BOUND), _finished(*other, timeout=BOUND)]
+    assert sorted(_pages(site, host)) == sorted({"/", *(f"/p/{i}" for i in range(4))})  # once
+    assert sum(r.stat("polite/cluster/queue/requeued") for r in results) == 0
