@@ -1,6 +1,9 @@
 """Cluster benchmark: one worker against three in cluster mode, Redis local and 1 ms away.
 
-Run from the repository root: ``python -m bench.bench_cluster [--hosts 30] [--pages 30]``.
+Run from the repository root: ``python -m bench.bench_cluster [--hosts 30] [--pages 30]``,
+or ``python -m bench.bench_cluster --scale`` for the case where the workers, not the
+hosts' pace, are the limit (200 hosts x 5 pages at 0.05 s, 1, 2 and 3 workers; it also
+prints Redis commands/s).
 
 A crawl of ``--hosts`` local hosts (127.0.0.2, ...) with ``--pages`` pages each and a
 0.5 s delay, through scrapy-redis with scrapy-polite's cluster mode, crawled by one
@@ -65,7 +68,9 @@ class LagProbe:
         stats.set_value("bench/lag_p99_ms", lags[int(len(lags) * 0.99)])
 
 
-def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: int) -> dict:
+def _run(
+    site: Site, hosts: list[str], redis: RedisServer, url: str, workers: int, delay: float
+) -> dict:
     site.reset()
     for host in hosts:
         site.set_pages(host, site.default_pages)
@@ -78,7 +83,7 @@ def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: in
         "SCHEDULER": "scrapy_redis.scheduler.Scheduler",
         "DUPEFILTER_CLASS": "scrapy_polite.cluster.DupeFilter",
         "REDIS_URL": url,
-        "POLITE_DELAY": DELAY,
+        "POLITE_DELAY": delay,
         "LOG_LEVEL": "WARNING",
         "EXTENSIONS": {"bench.bench_cluster.LagProbe": 0},
     }
@@ -104,6 +109,7 @@ def _run(site: Site, hosts: list[str], redis: RedisServer, url: str, workers: in
         "mean gap": statistics.mean(gaps),
         "calls/page": sent / pages,
         "commands/page": used / pages,
+        "commands/s": used / elapsed,
         "reserve p50": statistics.median(r.stat("polite/cluster/reserve_ms_p50") for r in results),
         "reserve p99": max(r.stat("polite/cluster/reserve_ms_p99") for r in results),
         "lag p50": statistics.median(r.stat("bench/lag_p50_ms") for r in results),
@@ -123,28 +129,32 @@ def _sent(client: Any) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hosts", type=int, default=30)
-    parser.add_argument("--pages", type=int, default=30)
+    parser.add_argument("--hosts", type=int, default=None)
+    parser.add_argument("--pages", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scale", action="store_true", help="many hosts, a short delay")
     args = parser.parse_args()
-    hosts = [f"127.0.0.{i}" for i in range(2, 2 + args.hosts)]
+    delay = 0.05 if args.scale else DELAY
+    args.hosts = args.hosts or (200 if args.scale else 30)
+    args.pages = args.pages or (5 if args.scale else 30)
+    counts = (1, 2, 3) if args.scale else (1, 3)
+    hosts = [f"127.0.{i // 256}.{i % 256}" for i in range(2, 2 + args.hosts)]
     rows: dict[str, list[dict]] = {}
     with Site(hosts, pages=args.pages) as site, RedisServer() as redis:
         proxy = DelayProxy(("127.0.0.1", redis.port), 0.0005)
         far = f"redis://127.0.0.1:{proxy.port}/0"
         variants = [
-            ("1 worker, Redis local", redis.url, 1),
-            ("3 workers, Redis local", redis.url, 3),
-            ("1 worker, Redis 1 ms away", far, 1),
-            ("3 workers, Redis 1 ms away", far, 3),
+            (f"{n} worker{'s' if n > 1 else ''}, {where}", url, n)
+            for where, url in (("Redis local", redis.url), ("Redis 1 ms away", far))
+            for n in counts
         ]
         print(
-            f"{args.hosts} hosts x {args.pages} pages, {DELAY} s delay, cluster mode, "
+            f"{args.hosts} hosts x {args.pages} pages, {delay} s delay, cluster mode, "
             f"{args.rounds} alternating rounds"
         )
         for round_ in range(args.rounds):
             for name, url, workers in variants if round_ % 2 == 0 else variants[::-1]:
-                row = _run(site, hosts, redis, url, workers)
+                row = _run(site, hosts, redis, url, workers, delay)
                 rows.setdefault(name, []).append(row)
                 print(
                     f"  round {round_ + 1} {name:28s} "
@@ -163,14 +173,15 @@ def main() -> None:
         print(f"  {name:28s} " + "; ".join(cells))
     for where in ("Redis local", "Redis 1 ms away"):
         one = [v["pages/s"] for v in rows[f"1 worker, {where}"]]
-        three = [v["pages/s"] for v in rows[f"3 workers, {where}"]]
-        ratios = [t / o for t, o in zip(three, one, strict=True)]
-        print(
-            f"  throughput 3 workers / 1, {where}: {statistics.median(ratios):.2f} "
-            f"({min(ratios):.2f}-{max(ratios):.2f})"
-        )
+        for n in counts[1:]:
+            more = [v["pages/s"] for v in rows[f"{n} workers, {where}"]]
+            ratios = [t / o for t, o in zip(more, one, strict=True)]
+            print(
+                f"  throughput {n} workers / 1, {where}: {statistics.median(ratios):.2f} "
+                f"({min(ratios):.2f}-{max(ratios):.2f})"
+            )
     floor = min(v["min gap"] for values in rows.values() for v in values)
-    print(f"  shortest gap at any host in any crawl: {floor:.3f} s (floor {DELAY} s)")
+    print(f"  shortest gap at any host in any crawl: {floor:.3f} s (floor {delay} s)")
 
 
 if __name__ == "__main__":
