@@ -875,12 +875,14 @@ class DomainQueue:
         try:
             self._send_unsent(force=True)
             if self._unsent:
+                # Not acknowledged either: the requests that produced them go back to the
+                # queue with this worker's leases, and are fetched again.
                 logger.error(
-                    "Redis refused %d writes of this worker to the last: those requests "
-                    "are lost",
+                    "Redis refused %d writes of this worker to the last: the pages that "
+                    "produced them go back to the queue, to be fetched again",
                     len(self._unsent),
                 )
-                self._inc("lost", len(self._unsent))
+                self._inc("unwritten_at_close", len(self._unsent))
             acked = self._take_acks()
             if acked:
                 self._link.blocking(QUEUE, self._ack_command(acked))
