@@ -374,12 +374,15 @@ def test_chaos_workers_killed_stopped_and_joining_at_random_fetch_every_allowed_
     hosts = site.hosts[:3]
     _forbidding_site(site, hosts)
     site.route(hosts[0], "/p/3", Reply(429, headers=[("Retry-After", "1")]), Reply(200, "ok"))
-    settings = _everything_on(redis_server, POLITE_DELAY=0.1)
+    settings = _everything_on(redis_server, POLITE_DELAY=0.3)
     workers = [_slow(site, hosts, settings, parse=0.3) for _ in range(3)]
     killed = 0
     began = time.monotonic()
+    while not site.page_hits():  # the events fall while pages are fetched and parsed
+        assert time.monotonic() < began + 30
+        time.sleep(0.02)
     for _ in range(4):
-        time.sleep(rng.uniform(0.5, 2.5))
+        time.sleep(rng.uniform(0.2, 1.2))
         live = [w for w in workers if w[0].poll() is None]
         if not live:
             break
@@ -394,7 +397,9 @@ def test_chaos_workers_killed_stopped_and_joining_at_random_fetch_every_allowed_
     duration = time.monotonic() - began
     _site_saw_every_allowed_page_and_no_forbidden_one(site, hosts)
     refetched = len(site.page_hits()) - len(hosts) * len(_allowed()) - 1  # the 429's retry
-    print(f"seed {seed}: {killed} killed, {refetched} refetched, {duration:.1f} s")
+    requeued = sum(r.stat("polite/cluster/queue/requeued") for r in results)
+    print(f"seed {seed}: {killed} killed, {requeued} requeued, {refetched} refetched", end="")
+    print(f", {duration:.1f} s")
     # Only what a killed worker held (at most CONCURRENT_REQUESTS downloading, and the
     # responses its scraper held) can be fetched again.
     assert 0 <= refetched <= killed * 2 * 4, refetched
