@@ -492,11 +492,15 @@ class Heartbeat:
 
 # -- the domain-aware queue -------------------------------------------------------------
 
-# KEYS: domains, queue, pace, size; ARGV: score, member, domain, hint (us), pace ttl (ms).
-# Every member is unique (a prefix of time and worker), so each push counts once.
+# KEYS: domains, queue, pace, size, dupefilter set; ARGV: score, member, domain, hint (us),
+# pace ttl (ms), fingerprint ('' for a request the dupefilter does not record).
+# The dupefilter's record and the push are one step: a worker killed between the two
+# would leave a URL marked seen and never queued. Every member is unique (a prefix of
+# time and worker), so each push counts once. Returns 0 for a request seen meanwhile.
 _PUSH = (
     _NOW
     + """
+if ARGV[6] ~= '' and redis.call('SADD', KEYS[5], ARGV[6]) == 0 then return 0 end
 if redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2]) == 1 then redis.call('INCR', KEYS[4]) end
 redis.call('ZADD', KEYS[1], 'NX', now, ARGV[3])
 if tonumber(ARGV[4]) > 0 then
@@ -723,13 +727,13 @@ class DomainQueue:
             return
         domain = _domain(request)
         queue = domain_key(domain, "queue", self.key)
-        keys = (self._domains, queue, domain_key(domain, "pace"), self._size)
+        dupefilter, fingerprint = _unrecorded(self._crawler).pop(request, (self._size, ""))
+        keys = (self._domains, queue, domain_key(domain, "pace"), self._size, dupefilter)
         hint = int(self._hints.floor(domain) * _US)
         self._pushed += 1
         member = b"%016x%s.%x|" % (time.time_ns(), self._tag.encode(), self._pushed) + data
-        self._unsent.append(
-            ("EVAL", _PUSH, len(keys), *keys, -request.priority, member, domain, hint, self._ttl_ms)
-        )
+        command = ("EVAL", _PUSH, len(keys), *keys, -request.priority, member, domain, hint)
+        self._unsent.append((*command, self._ttl_ms, fingerprint))
         self._send_unsent()
         self._quiet_until = 0.0  # something is ready now
 
@@ -970,6 +974,16 @@ def encode_request(request: Request, spider: Spider, serializer: Any) -> bytes:
 
 
 _ENCODED_ATTRIBUTE = "_scrapy_polite_encoded"
+_UNRECORDED_ATTRIBUTE = "_scrapy_polite_unrecorded"
+
+
+def _unrecorded(crawler: Crawler) -> WeakKeyDictionary[Request, tuple[str, str]]:
+    """Requests the dupefilter found new but left for the push to record, with the
+    dupefilter's key and their fingerprint (per crawler, for as long as each lives)."""
+    found: WeakKeyDictionary[Request, tuple[str, str]] = crawler.__dict__.setdefault(
+        _UNRECORDED_ATTRIBUTE, WeakKeyDictionary()
+    )
+    return found
 
 
 def trusted_request(entry: Any, spider: Spider) -> Request:
@@ -1027,12 +1041,17 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
     """scrapy-redis's ``RFPDupeFilter`` through the one Redis layer.
 
     ``DUPEFILTER_CLASS = "scrapy_polite.cluster.DupeFilter"`` (the add-on sets
-    it in cluster mode in place of scrapy-redis's). Each check is one ``SADD``
-    bounded by ``POLITE_REDIS_TIMEOUT``, never scrapy-redis's 30 s blocking
-    client; while Redis is away or refuses writes, duplicates are judged by
-    what this worker has seen (a request may be fetched twice across workers
-    then, never zero times). A request the shared queue cannot store is
+    it in cluster mode in place of scrapy-redis's). Each check is one round
+    trip bounded by ``POLITE_REDIS_TIMEOUT``, never scrapy-redis's 30 s
+    blocking client; while Redis is away or refuses writes, duplicates are
+    judged by what this worker has seen (a request may be fetched twice across
+    workers then, never zero times). A request the shared queue cannot store is
     refused before it is recorded, so its URL is not marked seen for nothing.
+
+    With :class:`DomainQueue` the check only reads (``SISMEMBER``), and the
+    queue's push records the fingerprint in the same script that queues the
+    request: a worker killed between a record and its push would leave a URL
+    seen and never crawled. With any other queue, the check records (``SADD``).
     """
 
     def __init__(self, server: Any, key: str, debug: bool = False, **kwargs: Any) -> None:
@@ -1040,6 +1059,7 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
         self._link: RedisLink | None = kwargs.get("link")
         self._spider: Spider | None = kwargs.get("spider")
         self._serializer: Any = kwargs.get("serializer")
+        self._pushes_record: bool = kwargs.get("pushes_record", False)
         self._seen_here: set[str] = set()
         self._warned = False
 
@@ -1051,6 +1071,7 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
         url = required_redis_url(settings, URL_SETTING, "the shared dupefilter")
         link = RedisLink.open(crawler, url, "dupefilter", "duplicates judged by each worker alone")
         serializer = settings.get("SCHEDULER_SERIALIZER") or "scrapy_polite.serializer"
+        queue = settings.get("SCHEDULER_QUEUE_CLASS")
         dupefilter = cls(
             None,
             key % {"spider": spider.name},
@@ -1060,6 +1081,7 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
             serializer=importlib.import_module(serializer)
             if isinstance(serializer, str)
             else serializer,
+            pushes_record=bool(queue) and _is_subclass(queue, DomainQueue),
         )
         # scrapy-redis's scheduler never closes its dupefilter: give the link back at the end.
         crawler.signals.connect(dupefilter.close, signal=signals.spider_closed)
@@ -1075,22 +1097,27 @@ class DupeFilter(_RedisDupeFilter):  # type: ignore[misc]
         fingerprint = self.request_fingerprint(request)
         if self._link is None:  # built by from_settings, outside a crawl
             return bool(super().request_seen(request))
+        command = "SISMEMBER" if self._pushes_record else "SADD"
         try:
-            added = self._link.blocking_one("dupefilter", "SADD", self.key, fingerprint)
+            reply = self._link.blocking_one("dupefilter", command, self.key, fingerprint)
         except RedisUnavailable as exc:
-            added = exc
-        if isinstance(added, Exception):
+            reply = exc
+        if isinstance(reply, Exception):
             if not self._warned:
                 self._warned = True
                 logger.warning(
                     "The shared dupefilter is unavailable (%s): duplicates are judged by "
                     "this worker alone until Redis answers",
-                    added,
+                    reply,
                 )
             seen = fingerprint in self._seen_here
             self._seen_here.add(fingerprint)
-            return seen
-        return int(added) == 0
+        else:
+            seen = int(reply) == (1 if self._pushes_record else 0)
+        if not seen and self._pushes_record and self._spider is not None:
+            assert self._spider.crawler is not None
+            _unrecorded(self._spider.crawler)[request] = (self.key, fingerprint)
+        return seen
 
     def clear(self) -> None:
         if self._link is None:
@@ -1121,6 +1148,14 @@ class _DelayHints:
         if floor is None:
             floor = self._cache[domain] = self._config.range_for(domain, domain).low
         return floor
+
+
+def _is_subclass(path_or_class: Any, base: type) -> bool:
+    try:
+        found = load_object(path_or_class) if isinstance(path_or_class, str) else path_or_class
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(found, type) and issubclass(found, base)
 
 
 def _domain(request: Request) -> str:

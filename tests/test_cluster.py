@@ -293,12 +293,13 @@ def test_a_cluster_crawl_with_robots_cache_429_and_an_unreachable_robots_ends_an
     hosts = site.hosts[:4]
     _forbidding_site(site, hosts)
     unreachable, throttled = hosts[2], hosts[3]
-    opened = time.monotonic()
-    site.route(
-        unreachable,
-        "/robots.txt",
-        lambda hit: Reply(503) if hit.time < opened + 3 else Reply(200, ROBOTS),
-    )
+    first_asked: list[float] = []
+
+    def robots(hit: Any) -> Reply:  # 503 for 2 s from the first ask, however late it comes
+        first_asked[:] = first_asked or [hit.time]
+        return Reply(503) if hit.time < first_asked[0] + 2 else Reply(200, ROBOTS)
+
+    site.route(unreachable, "/robots.txt", robots)
     site.route(throttled, "/p/3", Reply(429, headers=[("Retry-After", "1")]), Reply(200, "ok"))
     settings = _everything_on(redis_server)
     started = [_slow(site, hosts, settings, reactor=reactor) for _ in range(3)]
@@ -654,3 +655,30 @@ def test_a_worker_whose_downloads_outlast_its_lease_is_not_taken_for_dead(
     results = [_finished(*busy, timeout=BOUND), _finished(*other, timeout=BOUND)]
     assert sorted(_pages(site, host)) == sorted({"/", *(f"/p/{i}" for i in range(4))})  # once
     assert sum(r.stat("polite/cluster/queue/requeued") for r in results) == 0
+
+
+def test_with_the_domain_queue_a_url_is_recorded_seen_only_in_the_step_that_queues_it(
+    redis_server: RedisServer,
+):
+    from scrapy import Request
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_polite.cluster import DomainQueue, DupeFilter
+    from tests.spiders import SlowSharedSpider
+
+    settings = {"REDIS_URL": redis_server.url, "SCHEDULER_QUEUE_CLASS": DomainQueue}
+    spider = SlowSharedSpider.from_crawler(get_crawler(SlowSharedSpider, settings))
+    dupefilter = DupeFilter.from_spider(spider)
+    queue = DomainQueue(None, spider, QUEUE_KEY)
+    client = redis_server.client()
+    first, twin = Request("http://a/x"), Request("http://a/x")
+    # Two workers check the same new URL before either pushes it: both find it new...
+    assert not dupefilter.request_seen(first)
+    assert not dupefilter.request_seen(twin)
+    assert client.scard(dupefilter.key) == 0  # ...and nothing is recorded by a check alone
+    queue.push(first)
+    queue.push(twin)  # the push that records it finds it recorded: not queued twice
+    assert client.scard(dupefilter.key) == 1
+    assert client.get(f"{QUEUE_KEY}:size") == b"1"
+    assert dupefilter.request_seen(Request("http://a/x"))
+    dupefilter.close()
